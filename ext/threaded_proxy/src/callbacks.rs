@@ -1,0 +1,367 @@
+//! The bridge between tokio tasks and the gem-owned Ruby callback threads.
+//!
+//! Tokio tasks never touch the Ruby VM: they push a [`CallbackJob`] (plain
+//! data) on a [`BlockingQueue`] and await a oneshot reply under a timeout.
+//! Ruby dispatcher threads pop jobs with the GVL released (see
+//! `ruby/nogvl.rs`), run the user's proc and send the reply. Nothing here
+//! depends on magnus, so `cargo test` can play the Ruby side with a thread.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::errors::{ErrorReport, ProxyError};
+use crate::headers::HeaderList;
+
+/// A queue a Ruby thread can wait on with the GVL released and still be
+/// interrupted (Thread#raise, process exit) through its own flag.
+pub struct BlockingQueue<T> {
+    state: Mutex<QueueState<T>>,
+    ready: Condvar,
+}
+
+struct QueueState<T> {
+    items: VecDeque<T>,
+    closed: bool,
+}
+
+impl<T> Default for BlockingQueue<T> {
+    fn default() -> Self {
+        BlockingQueue {
+            state: Mutex::new(QueueState {
+                items: VecDeque::new(),
+                closed: false,
+            }),
+            ready: Condvar::new(),
+        }
+    }
+}
+
+impl<T> BlockingQueue<T> {
+    /// Adds an item; gives it back when the queue is closed. Never blocks
+    /// beyond the brief lock, so tokio threads may call it.
+    pub fn push(&self, item: T) -> Result<(), T> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.closed {
+            return Err(item);
+        }
+        state.items.push_back(item);
+        drop(state);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Refuses further pushes and wakes every waiter.
+    pub fn close(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        self.ready.notify_all();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).closed
+    }
+
+    /// Waits for an item. `None` when the queue is closed and empty, when
+    /// `interrupted` was set (see [`BlockingQueue::interrupt`]), or when the
+    /// deadline passed.
+    pub fn pop_wait(&self, interrupted: &AtomicBool, deadline: Option<Instant>) -> Option<T> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(item) = state.items.pop_front() {
+                return Some(item);
+            }
+            if state.closed || interrupted.load(Ordering::Acquire) {
+                return None;
+            }
+            state = match deadline {
+                None => self.ready.wait(state).unwrap_or_else(|e| e.into_inner()),
+                Some(deadline) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return None;
+                    }
+                    self.ready
+                        .wait_timeout(state, deadline - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+
+    /// Wakes the waiter that owns `flag`. Safe to call from any thread, any
+    /// number of times (Ruby may call an unblocking function repeatedly).
+    pub fn interrupt(&self, flag: &AtomicBool) {
+        flag.store(true, Ordering::Release);
+        let _state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.ready.notify_all();
+    }
+
+    pub fn len(&self) -> usize {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The status line and end-to-end headers a callback may inspect and change.
+#[derive(Debug, Clone)]
+pub struct ResponseHead {
+    pub status: u16,
+    pub reason: Option<String>,
+    pub headers: HeaderList,
+}
+
+/// How an exchange ended, for `on_complete`, instrumentation and logs.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub method: String,
+    pub url: String,
+    pub status: Option<u16>,
+    /// The head the client got (when one went out).
+    pub head: Option<ResponseHead>,
+    pub bytes_from_origin: u64,
+    pub bytes_to_client: u64,
+    pub time_to_first_byte: Option<Duration>,
+    pub total_time: Duration,
+    pub error: Option<ErrorReport>,
+}
+
+pub enum CallbackEvent {
+    /// `on_headers`: reply Continue with the (changed) head.
+    Headers(ResponseHead),
+    /// `on_response`: reply Continue, or Render; may read the body first.
+    Response(ResponseHead),
+    /// `on_error` before anything was sent: reply Render, or Continue for
+    /// the default answer.
+    Error(ErrorReport),
+    /// The exchange is over; no reply. Ruby runs `on_complete`, publishes
+    /// the instrumentation event and forgets the exchange's procs.
+    Finished(Summary),
+}
+
+impl CallbackEvent {
+    pub fn name(&self) -> &'static str {
+        match self {
+            CallbackEvent::Headers(_) => "headers",
+            CallbackEvent::Response(_) => "response",
+            CallbackEvent::Error(_) => "error",
+            CallbackEvent::Finished(_) => "finished",
+        }
+    }
+}
+
+/// A body a callback renders instead of the origin's.
+pub enum RenderedBody {
+    Bytes(Bytes),
+    /// A file (or Tempfile) streamed from its current offset to its end.
+    File(std::fs::File),
+}
+
+pub struct Rendered {
+    pub status: u16,
+    pub headers: HeaderList,
+    pub body: RenderedBody,
+}
+
+pub enum CallbackReply {
+    Continue(ResponseHead),
+    Render(Rendered),
+    /// The callback raised: answer 500 (when nothing was sent yet).
+    Failed { message: String },
+}
+
+/// Where Ruby's `response.body` gets the buffered origin body from.
+pub type BodyResult = Result<Bytes, ErrorReport>;
+pub type BodyRequest = Arc<BlockingQueue<BodyResult>>;
+
+pub struct CallbackJob {
+    pub exchange_id: u64,
+    pub event: CallbackEvent,
+    pub reply: Option<oneshot::Sender<CallbackReply>>,
+    /// Present on `Response` jobs: send a slot, the exchange fills it with
+    /// the whole body (up to `max_buffered_body`).
+    pub body_access: Option<mpsc::UnboundedSender<BodyRequest>>,
+}
+
+impl CallbackJob {
+    /// Sends the reply, if the job wants one and the exchange still waits.
+    pub fn reply(&mut self, reply: CallbackReply) -> bool {
+        match self.reply.take() {
+            Some(tx) => tx.send(reply).is_ok(),
+            None => false,
+        }
+    }
+}
+
+/// The per-process dispatcher queue plus the wait limit for replies.
+pub struct CallbackBridge {
+    pub queue: BlockingQueue<CallbackJob>,
+    /// A callback that has not answered by then is treated as failed, so a
+    /// dead or stuck dispatcher cannot hang an exchange.
+    pub reply_timeout: Duration,
+}
+
+impl CallbackBridge {
+    pub fn new(reply_timeout: Duration) -> Self {
+        CallbackBridge {
+            queue: BlockingQueue::default(),
+            reply_timeout,
+        }
+    }
+
+    /// Queues a job that needs no reply.
+    pub fn notify(&self, exchange_id: u64, event: CallbackEvent) {
+        let _ = self.queue.push(CallbackJob {
+            exchange_id,
+            event,
+            reply: None,
+            body_access: None,
+        });
+    }
+
+    /// Queues a job and returns the receiver of its reply.
+    pub fn request(
+        &self,
+        exchange_id: u64,
+        event: CallbackEvent,
+        body_access: Option<mpsc::UnboundedSender<BodyRequest>>,
+        url: &str,
+    ) -> Result<oneshot::Receiver<CallbackReply>, ProxyError> {
+        let (tx, rx) = oneshot::channel();
+        self.queue
+            .push(CallbackJob {
+                exchange_id,
+                event,
+                reply: Some(tx),
+                body_access,
+            })
+            .map_err(|_| ProxyError::Callback {
+                url: url.to_owned(),
+                message: "callback threads are shut down".to_owned(),
+            })?;
+        Ok(rx)
+    }
+
+    /// Awaits a reply under the timeout; a dropped or late reply is an error.
+    pub async fn await_reply(
+        &self,
+        rx: oneshot::Receiver<CallbackReply>,
+        url: &str,
+    ) -> Result<CallbackReply, ProxyError> {
+        match tokio::time::timeout(self.reply_timeout, rx).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(ProxyError::Callback {
+                url: url.to_owned(),
+                message: "callback finished without answering".to_owned(),
+            }),
+            Err(_) => Err(ProxyError::Callback {
+                url: url.to_owned(),
+                message: format!("callback did not answer within {:?}", self.reply_timeout),
+            }),
+        }
+    }
+
+    pub async fn call(
+        &self,
+        exchange_id: u64,
+        event: CallbackEvent,
+        url: &str,
+    ) -> Result<CallbackReply, ProxyError> {
+        let rx = self.request(exchange_id, event, None, url)?;
+        self.await_reply(rx, url).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread;
+
+    #[test]
+    fn pop_wait_returns_items_in_order() {
+        let q = BlockingQueue::default();
+        q.push(1).unwrap();
+        q.push(2).unwrap();
+        let flag = AtomicBool::new(false);
+        assert_eq!(q.pop_wait(&flag, None), Some(1));
+        assert_eq!(q.pop_wait(&flag, None), Some(2));
+    }
+
+    #[test]
+    fn interrupt_wakes_a_blocked_waiter() {
+        let q = Arc::new(BlockingQueue::<u8>::default());
+        let flag = Arc::new(AtomicBool::new(false));
+        let (q2, f2) = (q.clone(), flag.clone());
+        let waiter = thread::spawn(move || q2.pop_wait(&f2, None));
+        // The waiter may or may not be parked yet; interrupt works either way.
+        q.interrupt(&flag);
+        assert_eq!(waiter.join().unwrap(), None);
+    }
+
+    #[test]
+    fn close_refuses_pushes_and_wakes_waiters() {
+        let q = Arc::new(BlockingQueue::<u8>::default());
+        let q2 = q.clone();
+        let waiter = thread::spawn(move || q2.pop_wait(&AtomicBool::new(false), None));
+        q.close();
+        assert_eq!(waiter.join().unwrap(), None);
+        assert_eq!(q.push(7), Err(7));
+    }
+
+    #[test]
+    fn deadline_bounds_the_wait() {
+        let q = BlockingQueue::<u8>::default();
+        let deadline = Instant::now() + Duration::from_millis(20);
+        assert_eq!(q.pop_wait(&AtomicBool::new(false), Some(deadline)), None);
+        assert!(Instant::now() >= deadline);
+    }
+
+    #[tokio::test]
+    async fn a_reply_from_another_thread_reaches_the_task() {
+        let bridge = Arc::new(CallbackBridge::new(Duration::from_secs(5)));
+        let worker_bridge = bridge.clone();
+        let worker = thread::spawn(move || {
+            let mut job = worker_bridge.queue.pop_wait(&AtomicBool::new(false), None).unwrap();
+            let CallbackEvent::Headers(mut head) = std::mem::replace(
+                &mut job.event,
+                CallbackEvent::Error(ErrorReport::from(&ProxyError::Internal { message: String::new() })),
+            ) else {
+                panic!("expected a headers job")
+            };
+            head.headers.push(("x-added".into(), Bytes::from_static(b"1")));
+            job.reply(CallbackReply::Continue(head));
+        });
+        let head = ResponseHead { status: 200, reason: None, headers: vec![] };
+        let reply = bridge.call(7, CallbackEvent::Headers(head), "http://x").await.unwrap();
+        worker.join().unwrap();
+        match reply {
+            CallbackReply::Continue(head) => assert_eq!(head.headers.len(), 1),
+            _ => panic!("expected Continue"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_dispatcher_times_out_instead_of_hanging() {
+        let bridge = CallbackBridge::new(Duration::from_secs(30));
+        let head = ResponseHead { status: 200, reason: None, headers: vec![] };
+        let err = bridge.call(1, CallbackEvent::Headers(head), "http://x").await.err().unwrap();
+        assert!(err.to_string().contains("did not answer"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_job_is_a_failure_not_a_hang() {
+        let bridge = CallbackBridge::new(Duration::from_secs(30));
+        let head = ResponseHead { status: 200, reason: None, headers: vec![] };
+        let rx = bridge.request(1, CallbackEvent::Headers(head), None, "http://x").unwrap();
+        drop(bridge.queue.pop_wait(&AtomicBool::new(false), None));
+        let err = bridge.await_reply(rx, "http://x").await.err().unwrap();
+        assert!(err.to_string().contains("without answering"), "{err}");
+    }
+}

@@ -1,0 +1,633 @@
+//! One proxied exchange, start to end: admission, the origin request, the
+//! callbacks, the relay to the client, and the summary.
+//!
+//! The whole exchange runs inside one `select!` against the client closing
+//! its side and against shutdown: whichever ends first drops the others, so a
+//! client that leaves cancels its origin request at once.
+
+use std::os::fd::{OwnedFd, RawFd};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::{Method, Request};
+use http_body::Body;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+
+use crate::callbacks::{
+    BlockingQueue, BodyRequest, CallbackEvent, CallbackReply, Rendered, RenderedBody, ResponseHead, Summary,
+};
+use crate::errors::{ErrorReport, ProxyError};
+use crate::handoff::{self, ClientSocket};
+use crate::headers::{self, ClientRequest, Framing, HeaderList};
+use crate::relay::{self, ClientWriter};
+use crate::runtime::Proxy;
+use crate::upstream::{self, BodySource, BoxError, TlsSettings};
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// TCP connect to the origin.
+    pub connect: Duration,
+    /// From sending the request to the origin's response head (covers DNS
+    /// and TLS as well).
+    pub header: Duration,
+    /// Longest silence mid-body, from the origin or towards the client.
+    pub idle: Duration,
+}
+
+/// Which Ruby callbacks this exchange has.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CallbackSet {
+    pub on_headers: bool,
+    pub on_response: bool,
+    pub on_error: bool,
+    /// Send the `Finished` event (on_complete, instrumentation, cleanup).
+    pub finished: bool,
+}
+
+/// Everything Ruby decided about an exchange, as plain data.
+pub struct ExchangeSpec {
+    pub id: u64,
+    pub method: Method,
+    pub url: String,
+    pub headers: HeaderList,
+    pub body: BodySource,
+    pub client: ClientRequest,
+    pub callbacks: CallbackSet,
+    pub timeouts: Timeouts,
+    pub tls: TlsSettings,
+    pub max_buffered_body: usize,
+}
+
+/// Time the client gets to close its side after a clean finish.
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
+
+/// Starts the exchange on the proxy's runtime and returns at once.
+pub fn start(proxy: &'static Proxy, spec: ExchangeSpec, client: OwnedFd) {
+    proxy.stats.started.fetch_add(1, Relaxed);
+    proxy.stats.active.fetch_add(1, Relaxed);
+    proxy.runtime.spawn(run(proxy, spec, client));
+}
+
+async fn run(proxy: &'static Proxy, spec: ExchangeSpec, client: OwnedFd) {
+    let _tracked = proxy.tracker.enter();
+    let started = Instant::now();
+    let outcome = match handoff::adopt(client) {
+        Ok(socket) => {
+            let raw_fd = socket.raw_fd();
+            match socket {
+                ClientSocket::Tcp(s) => {
+                    let (rd, wr) = s.into_split();
+                    drive(proxy, spec, rd, wr, raw_fd, started).await
+                }
+                ClientSocket::Unix(s) => {
+                    let (rd, wr) = s.into_split();
+                    drive(proxy, spec, rd, wr, raw_fd, started).await
+                }
+            }
+        }
+        Err(e) => {
+            let summary = Summary {
+                method: spec.method.to_string(),
+                url: spec.url.clone(),
+                status: None,
+                head: None,
+                bytes_from_origin: 0,
+                bytes_to_client: 0,
+                time_to_first_byte: None,
+                total_time: started.elapsed(),
+                error: Some(ErrorReport::from(&ProxyError::client(&e))),
+            };
+            (spec.id, spec.callbacks.finished, summary)
+        }
+    };
+    let (id, notify, summary) = outcome;
+    proxy.stats.active.fetch_sub(1, Relaxed);
+    match &summary.error {
+        None => proxy.stats.completed.fetch_add(1, Relaxed),
+        Some(report) => {
+            proxy.stats.failed(report.kind);
+            0
+        }
+    };
+    if notify {
+        proxy.callbacks.notify(id, CallbackEvent::Finished(summary));
+    }
+}
+
+async fn drive<R, W>(
+    proxy: &'static Proxy,
+    spec: ExchangeSpec,
+    mut rd: R,
+    wr: W,
+    raw_fd: RawFd,
+    started: Instant,
+) -> (u64, bool, Summary)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut exchange = Exchange {
+        proxy,
+        writer: ClientWriter::new(wr, spec.timeouts.idle),
+        spec,
+        started,
+        status: None,
+        sent_head: None,
+        time_to_first_byte: None,
+        bytes_from_origin: 0,
+        finished_cleanly: false,
+    };
+    let mut cancelled = proxy.cancelled();
+    let result = tokio::select! {
+        result = exchange.serve() => result,
+        _ = relay::client_gone(&mut rd) => Err(ProxyError::Client {
+            message: "client closed the connection".to_owned(),
+        }),
+        _ = cancelled.wait_for(|cut| *cut) => Err(ProxyError::Internal {
+            message: "cut by shutdown before the exchange finished".to_owned(),
+        }),
+    };
+    if exchange.finished_cleanly {
+        relay::drain(&mut rd, DRAIN_LIMIT).await;
+    } else {
+        handoff::set_abortive_close(raw_fd);
+    }
+    let spec = &exchange.spec;
+    let summary = Summary {
+        method: spec.method.to_string(),
+        url: spec.url.clone(),
+        status: exchange.status,
+        head: exchange.sent_head.take(),
+        bytes_from_origin: exchange.bytes_from_origin,
+        bytes_to_client: exchange.writer.bytes_written,
+        time_to_first_byte: exchange.time_to_first_byte,
+        total_time: started.elapsed(),
+        error: result.err().map(|e| ErrorReport::from(&e)),
+    };
+    (spec.id, spec.callbacks.finished, summary)
+}
+
+struct Exchange<W> {
+    proxy: &'static Proxy,
+    spec: ExchangeSpec,
+    writer: ClientWriter<W>,
+    started: Instant,
+    /// The status the client got, once its head went out.
+    status: Option<u16>,
+    /// A copy of the head sent, kept only for the `Finished` event.
+    sent_head: Option<ResponseHead>,
+    time_to_first_byte: Option<Duration>,
+    bytes_from_origin: u64,
+    /// The last byte went out and the connection was half-closed cleanly.
+    finished_cleanly: bool,
+}
+
+impl<W: AsyncWrite + Unpin> Exchange<W> {
+    fn url(&self) -> &str {
+        &self.spec.url
+    }
+
+    /// Runs the exchange; on a failure before the head went out, answers
+    /// the client (on_error or the default status) and still reports it.
+    async fn serve(&mut self) -> Result<(), ProxyError> {
+        let err = match self.fetch_and_relay().await {
+            Ok(()) => return Ok(()),
+            Err(err) => err,
+        };
+        if !self.writer.head_sent && !matches!(err, ProxyError::Client { .. }) {
+            if let Err(answer_err) = self.answer_error(&err).await {
+                return Err(if matches!(answer_err, ProxyError::Client { .. }) { err } else { answer_err });
+            }
+        }
+        Err(err)
+    }
+
+    async fn fetch_and_relay(&mut self) -> Result<(), ProxyError> {
+        let proxy = self.proxy;
+        if !proxy.accepting() {
+            return Err(ProxyError::Overload {
+                url: self.spec.url.clone(),
+                message: "shutting down".to_owned(),
+            });
+        }
+        let _permit = match proxy.limits.try_acquire(&origin_key(&self.spec.url)) {
+            Ok(permit) => permit,
+            Err(message) => {
+                proxy.stats.rejected.fetch_add(1, Relaxed);
+                return Err(ProxyError::Overload {
+                    url: self.spec.url.clone(),
+                    message: message.to_owned(),
+                });
+            }
+        };
+        let client = proxy.upstream.client(&self.spec.tls, self.spec.timeouts.connect, &self.spec.url)?;
+        let request = self.build_request()?;
+        let response = match tokio::time::timeout(self.spec.timeouts.header, client.request(request)).await {
+            Err(_) => {
+                return Err(ProxyError::Timeout {
+                    url: self.spec.url.clone(),
+                    phase: "waiting for the response headers",
+                })
+            }
+            Ok(Err(e)) => return Err(upstream::classify(&e, &self.spec.url)),
+            Ok(Ok(response)) => response,
+        };
+        self.time_to_first_byte = Some(self.started.elapsed());
+        if headers::ambiguous_framing(response.headers()) {
+            return Err(ProxyError::Upstream {
+                url: self.spec.url.clone(),
+                message: "response has both Content-Length and Transfer-Encoding".to_owned(),
+                errno: None,
+            });
+        }
+        let (parts, body) = response.into_parts();
+        let head_length = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let body_length = body.size_hint().exact();
+        let mut head = ResponseHead {
+            status: parts.status.as_u16(),
+            reason: parts
+                .extensions
+                .get::<hyper::ext::ReasonPhrase>()
+                .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned()),
+            headers: headers::end_to_end(&parts.headers),
+        };
+
+        if self.spec.callbacks.on_headers {
+            let reply = proxy.callbacks.call(self.spec.id, CallbackEvent::Headers(head), self.url()).await?;
+            proxy.stats.callbacks_run.fetch_add(1, Relaxed);
+            head = match reply {
+                CallbackReply::Continue(changed) => changed,
+                CallbackReply::Render(rendered) => return self.write_rendered(rendered).await,
+                CallbackReply::Failed { message } => return Err(self.callback_error(message)),
+            };
+        }
+
+        if self.spec.callbacks.on_response {
+            return self.serve_on_response(head, body, body_length, head_length).await;
+        }
+        self.relay_origin(head, body, body_length, head_length).await
+    }
+
+    fn callback_error(&self, message: String) -> ProxyError {
+        ProxyError::Callback {
+            url: self.spec.url.clone(),
+            message,
+        }
+    }
+
+    fn build_request(&mut self) -> Result<Request<upstream::RequestBody>, ProxyError> {
+        let mut builder = Request::builder().method(self.spec.method.clone()).uri(&self.spec.url);
+        for (name, value) in &self.spec.headers {
+            headers::validate(name, value).map_err(|message| ProxyError::InvalidHeader {
+                url: self.spec.url.clone(),
+                message,
+            })?;
+            // The body decides the framing; connection headers are ours.
+            if headers::is_hop_by_hop(name) || name.eq_ignore_ascii_case("content-length") {
+                continue;
+            }
+            builder = builder.header(name.as_str(), value.as_ref());
+        }
+        let body = std::mem::replace(&mut self.spec.body, BodySource::Empty)
+            .into_body()
+            .map_err(|e| ProxyError::Internal {
+                message: format!("cannot read the request body: {e}"),
+            })?;
+        builder.body(body).map_err(|e| ProxyError::InvalidHeader {
+            url: self.spec.url.clone(),
+            message: e.to_string(),
+        })
+    }
+
+    fn validate_head(&self, headers: &HeaderList) -> Result<(), ProxyError> {
+        for (name, value) in headers {
+            headers::validate(name, value).map_err(|message| ProxyError::InvalidHeader {
+                url: self.spec.url.clone(),
+                message,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Writes the (possibly changed) head and streams the origin body.
+    async fn relay_origin<B>(
+        &mut self,
+        head: ResponseHead,
+        body: B,
+        body_length: Option<u64>,
+        head_length: Option<u64>,
+    ) -> Result<(), ProxyError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        self.validate_head(&head.headers)?;
+        let framing = headers::framing(head.status, self.spec.client, body_length);
+        self.send_head(head.status, head.reason.as_deref(), &head.headers, framing, head_length)
+            .await?;
+        if framing != Framing::None {
+            self.copy_body(body, true).await?;
+        }
+        self.finish().await
+    }
+
+    async fn send_head(
+        &mut self,
+        status: u16,
+        reason: Option<&str>,
+        headers: &HeaderList,
+        framing: Framing,
+        head_length: Option<u64>,
+    ) -> Result<(), ProxyError> {
+        let mut buf = BytesMut::new();
+        headers::write_head(&mut buf, status, reason, headers, framing, head_length);
+        self.status = Some(status);
+        if self.spec.callbacks.finished {
+            self.sent_head = Some(ResponseHead {
+                status,
+                reason: reason.map(str::to_owned),
+                headers: headers.clone(),
+            });
+        }
+        let before = self.writer.bytes_written;
+        let sent = self.writer.send_head(buf, framing).await;
+        self.count_to_client(before);
+        sent
+    }
+
+    fn count_to_client(&self, before: u64) {
+        self.proxy
+            .stats
+            .bytes_to_client
+            .fetch_add(self.writer.bytes_written - before, Relaxed);
+    }
+
+    async fn finish(&mut self) -> Result<(), ProxyError> {
+        let before = self.writer.bytes_written;
+        let finished = self.writer.finish().await;
+        self.count_to_client(before);
+        finished?;
+        self.finished_cleanly = true;
+        Ok(())
+    }
+
+    /// Copies a body frame by frame, each frame bounded by the idle timeout.
+    async fn copy_body<B>(&mut self, mut body: B, from_origin: bool) -> Result<(), ProxyError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        loop {
+            let frame = match tokio::time::timeout(self.spec.timeouts.idle, body.frame()).await {
+                Err(_) => {
+                    return Err(ProxyError::Timeout {
+                        url: self.spec.url.clone(),
+                        phase: "waiting for the response body",
+                    })
+                }
+                Ok(None) => return Ok(()),
+                Ok(Some(Err(e))) => {
+                    let e: BoxError = e.into();
+                    return Err(ProxyError::Upstream {
+                        url: self.spec.url.clone(),
+                        message: upstream::error_chain(e.as_ref()),
+                        errno: None,
+                    });
+                }
+                Ok(Some(Ok(frame))) => frame,
+            };
+            if let Ok(data) = frame.into_data() {
+                if from_origin {
+                    self.bytes_from_origin += data.len() as u64;
+                    self.proxy.stats.bytes_from_origin.fetch_add(data.len() as u64, Relaxed);
+                }
+                let before = self.writer.bytes_written;
+                let sent = self.writer.send_body(data).await;
+                self.count_to_client(before);
+                sent?;
+            }
+        }
+    }
+
+    /// Reads a whole body into memory, refusing more than `max_buffered_body`.
+    async fn read_whole<B>(&mut self, mut body: B) -> Result<Bytes, ProxyError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        let limit = self.spec.max_buffered_body;
+        let mut buf = BytesMut::new();
+        loop {
+            match tokio::time::timeout(self.spec.timeouts.idle, body.frame()).await {
+                Err(_) => {
+                    return Err(ProxyError::Timeout {
+                        url: self.spec.url.clone(),
+                        phase: "waiting for the response body",
+                    })
+                }
+                Ok(None) => return Ok(buf.freeze()),
+                Ok(Some(Err(e))) => {
+                    let e: BoxError = e.into();
+                    return Err(ProxyError::Upstream {
+                        url: self.spec.url.clone(),
+                        message: upstream::error_chain(e.as_ref()),
+                        errno: None,
+                    });
+                }
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.bytes_from_origin += data.len() as u64;
+                        self.proxy.stats.bytes_from_origin.fetch_add(data.len() as u64, Relaxed);
+                        if buf.len() + data.len() > limit {
+                            return Err(ProxyError::BodyTooLarge {
+                                url: self.spec.url.clone(),
+                                limit,
+                            });
+                        }
+                        buf.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+
+    /// `on_response`: the callback may read the body (we buffer it on
+    /// request) and then render, or let the origin's response through.
+    async fn serve_on_response<B>(
+        &mut self,
+        head: ResponseHead,
+        body: B,
+        body_length: Option<u64>,
+        head_length: Option<u64>,
+    ) -> Result<(), ProxyError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        let proxy = self.proxy;
+        let (body_tx, mut body_rx) = mpsc::unbounded_channel::<BodyRequest>();
+        let mut reply_rx = proxy.callbacks.request(
+            self.spec.id,
+            CallbackEvent::Response(head.clone()),
+            Some(body_tx),
+            &self.spec.url,
+        )?;
+        let deadline = tokio::time::Instant::now() + proxy.callbacks.reply_timeout;
+        let mut origin_body = Some(body);
+        let mut buffered: Option<Bytes> = None;
+        let reply = loop {
+            tokio::select! {
+                reply = tokio::time::timeout_at(deadline, &mut reply_rx) => break reply,
+                Some(slot) = body_rx.recv() => {
+                    let result = match (&buffered, origin_body.take()) {
+                        (Some(bytes), _) => Ok(bytes.clone()),
+                        (None, Some(body)) => self.read_whole(body).await,
+                        (None, None) => Err(ProxyError::BodyTooLarge { url: self.spec.url.clone(), limit: self.spec.max_buffered_body }),
+                    };
+                    if let Ok(bytes) = &result {
+                        buffered = Some(bytes.clone());
+                    }
+                    answer_body_request(&slot, result.as_ref().map(Bytes::clone).map_err(ErrorReport::from));
+                }
+            }
+        };
+        proxy.stats.callbacks_run.fetch_add(1, Relaxed);
+        let reply = match reply {
+            Err(_) => return Err(self.callback_error("on_response did not answer in time".to_owned())),
+            Ok(Err(_)) => return Err(self.callback_error("on_response finished without answering".to_owned())),
+            Ok(Ok(reply)) => reply,
+        };
+        match reply {
+            CallbackReply::Render(rendered) => self.write_rendered(rendered).await,
+            CallbackReply::Failed { message } => Err(self.callback_error(message)),
+            CallbackReply::Continue(head) => match (buffered, origin_body) {
+                (Some(bytes), _) => {
+                    let length = Some(bytes.len() as u64);
+                    self.relay_origin(head, http_body_util::Full::new(bytes), length, length).await
+                }
+                (None, Some(body)) => self.relay_origin(head, body, body_length, head_length).await,
+                (None, None) => Err(self.callback_error("response body was lost".to_owned())),
+            },
+        }
+    }
+
+    /// Sends what a callback rendered, framed by its known length.
+    async fn write_rendered(&mut self, rendered: Rendered) -> Result<(), ProxyError> {
+        self.validate_head(&rendered.headers)?;
+        match rendered.body {
+            RenderedBody::Bytes(bytes) => {
+                let framing = headers::framing(rendered.status, self.spec.client, Some(bytes.len() as u64));
+                self.send_head(rendered.status, None, &rendered.headers, framing, Some(bytes.len() as u64))
+                    .await?;
+                if framing != Framing::None {
+                    self.copy_body(http_body_util::Full::new(bytes), false).await?;
+                }
+            }
+            RenderedBody::File(mut file) => {
+                use std::io::Seek;
+                let offset = file.stream_position().map_err(|e| self.file_error(e))?;
+                let length = file.metadata().map_err(|e| self.file_error(e))?.len().saturating_sub(offset);
+                let framing = headers::framing(rendered.status, self.spec.client, Some(length));
+                let body = BodySource::File { file, offset }.into_body().map_err(|e| self.file_error(e))?;
+                self.send_head(rendered.status, None, &rendered.headers, framing, Some(length))
+                    .await?;
+                if framing != Framing::None {
+                    self.copy_body(body, false).await?;
+                }
+            }
+        }
+        self.finish().await
+    }
+
+    fn file_error(&self, e: std::io::Error) -> ProxyError {
+        ProxyError::Callback {
+            url: self.spec.url.clone(),
+            message: format!("cannot read the rendered body: {e}"),
+        }
+    }
+
+    /// The answer to a failure before anything was sent: what `on_error`
+    /// renders, else the status for the error's kind.
+    async fn answer_error(&mut self, err: &ProxyError) -> Result<(), ProxyError> {
+        if self.spec.callbacks.on_error {
+            let event = CallbackEvent::Error(ErrorReport::from(err));
+            match self.proxy.callbacks.call(self.spec.id, event, &self.spec.url).await {
+                Ok(CallbackReply::Render(rendered)) => return self.write_rendered(rendered).await,
+                Ok(CallbackReply::Continue(_)) => {}
+                Ok(CallbackReply::Failed { message }) => {
+                    return self.write_rendered(default_answer(&self.callback_error(message))).await
+                }
+                Err(callback_err) => return self.write_rendered(default_answer(&callback_err)).await,
+            }
+        }
+        self.write_rendered(default_answer(err)).await
+    }
+}
+
+fn answer_body_request(slot: &Arc<BlockingQueue<Result<Bytes, ErrorReport>>>, result: Result<Bytes, ErrorReport>) {
+    let _ = slot.push(result);
+}
+
+/// The plain answer for an error nobody rendered.
+pub fn default_answer(err: &ProxyError) -> Rendered {
+    let status = err.status();
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Error");
+    let mut headers: HeaderList = vec![
+        ("content-type".to_owned(), Bytes::from_static(b"text/plain; charset=utf-8")),
+        ("x-threaded-proxy-error".to_owned(), Bytes::from(err.kind().as_str())),
+    ];
+    if status == 503 {
+        headers.push(("retry-after".to_owned(), Bytes::from_static(b"1")));
+    }
+    Rendered {
+        status,
+        headers,
+        body: RenderedBody::Bytes(Bytes::from(format!("{status} {reason}\n"))),
+    }
+}
+
+/// "scheme://host:port" for per-origin limits.
+pub fn origin_key(url: &str) -> String {
+    match url.parse::<http::Uri>() {
+        Ok(uri) => {
+            let scheme = uri.scheme_str().unwrap_or("http");
+            let port = uri.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
+            format!("{scheme}://{}:{port}", uri.host().unwrap_or(""))
+        }
+        Err(_) => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_key_fills_default_ports() {
+        assert_eq!(origin_key("http://a.test/x?y"), "http://a.test:80");
+        assert_eq!(origin_key("https://a.test/"), "https://a.test:443");
+        assert_eq!(origin_key("http://127.0.0.1:9000/p"), "http://127.0.0.1:9000");
+    }
+
+    #[test]
+    fn default_answers_map_kinds_to_statuses() {
+        let overload = default_answer(&ProxyError::Overload { url: "u".into(), message: "m".into() });
+        assert_eq!(overload.status, 503);
+        assert!(overload.headers.iter().any(|(n, v)| n == "retry-after" && v == "1"));
+        let timeout = default_answer(&ProxyError::Timeout { url: "u".into(), phase: "p" });
+        assert_eq!(timeout.status, 504);
+        let connect = default_answer(&ProxyError::Connect { url: "u".into(), message: "m".into(), errno: Some(111) });
+        assert_eq!(connect.status, 502);
+    }
+}

@@ -1,0 +1,37 @@
+//! threaded-proxy's Rust core.
+//!
+//! A Ruby action hands over the client socket (a duplicated fd) and a plain
+//! description of the exchange; a tokio task fetches the origin and writes
+//! the response straight to the client. Ruby code runs only in callbacks,
+//! on Ruby threads the gem owns, reached through a queue.
+//!
+//! # Layout
+//! - `exchange`: one exchange from admission to summary (the orchestration).
+//! - `upstream`: pooled hyper-util clients, TLS, request bodies, error mapping.
+//! - `relay`: writing the response to the client (framing, bounds, abort).
+//! - `headers`: hop-by-hop rules, validation, the response head.
+//! - `handoff`: fd → tokio stream.
+//! - `callbacks`: the queue between tokio tasks and Ruby callback threads.
+//! - `runtime`: the per-process runtime, rebuilt after fork; settings.
+//! - `limits`, `stats`, `errors`: admission caps, counters, the error type.
+//! - `ruby` (feature `ruby`): the magnus bindings, the only Ruby-aware code.
+
+pub mod callbacks;
+pub mod errors;
+pub mod exchange;
+pub mod handoff;
+pub mod headers;
+pub mod limits;
+pub mod relay;
+pub mod runtime;
+pub mod stats;
+pub mod upstream;
+
+#[cfg(feature = "ruby")]
+mod ruby;
+
+#[cfg(feature = "ruby")]
+#[magnus::init]
+fn init(ruby: &magnus::Ruby) -> Result<(), magnus::Error> {
+    ruby::init(ruby)
+}

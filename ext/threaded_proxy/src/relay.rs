@@ -1,0 +1,181 @@
+//! Writing the response to the client: head, framed body, clean finish or
+//! abort. Every write is bounded by the idle timeout so a client that stops
+//! reading cannot pin the exchange (or its buffers) forever.
+
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::errors::ProxyError;
+use crate::headers::Framing;
+
+pub struct ClientWriter<W> {
+    io: W,
+    idle: Duration,
+    framing: Framing,
+    /// Every byte written, head included (for stats and the summary).
+    pub bytes_written: u64,
+    /// Body bytes written, to check a Content-Length promise was kept.
+    body_written: u64,
+    /// Once true, an error must abort the connection: a clean close could
+    /// make a cut-off body look complete.
+    pub head_sent: bool,
+}
+
+impl<W: AsyncWrite + Unpin> ClientWriter<W> {
+    pub fn new(io: W, idle: Duration) -> Self {
+        ClientWriter {
+            io,
+            idle,
+            framing: Framing::None,
+            bytes_written: 0,
+            body_written: 0,
+            head_sent: false,
+        }
+    }
+
+    async fn write_buf<B: Buf>(&mut self, mut buf: B) -> Result<(), ProxyError> {
+        let len = buf.remaining() as u64;
+        match tokio::time::timeout(self.idle, self.io.write_all_buf(&mut buf)).await {
+            Ok(Ok(())) => {
+                self.bytes_written += len;
+                Ok(())
+            }
+            Ok(Err(e)) => Err(ProxyError::client(&e)),
+            Err(_) => Err(ProxyError::Client {
+                message: format!("client read nothing for {:?}", self.idle),
+            }),
+        }
+    }
+
+    /// Sends the head; `framing` then governs every body chunk.
+    pub async fn send_head(&mut self, head: BytesMut, framing: Framing) -> Result<(), ProxyError> {
+        self.framing = framing;
+        self.head_sent = true;
+        self.write_buf(head.freeze()).await
+    }
+
+    pub fn framing(&self) -> Framing {
+        self.framing
+    }
+
+    /// Sends one piece of body in the chosen framing.
+    pub async fn send_body(&mut self, data: Bytes) -> Result<(), ProxyError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let len = data.len() as u64;
+        match self.framing {
+            Framing::None => return Ok(()),
+            Framing::Chunked => {
+                let prefix = Bytes::from(format!("{:x}\r\n", data.len()));
+                self.write_buf(prefix.chain(data).chain(&b"\r\n"[..])).await?;
+            }
+            Framing::Length(total) => {
+                if self.body_written + len > total {
+                    return Err(ProxyError::Internal {
+                        message: format!("body longer than its Content-Length {total}"),
+                    });
+                }
+                self.write_buf(data).await?;
+            }
+            Framing::Close => self.write_buf(data).await?,
+        }
+        self.body_written += len;
+        Ok(())
+    }
+
+    /// Ends the body (last chunk), flushes and half-closes. An error if a
+    /// Content-Length promise was not kept.
+    pub async fn finish(&mut self) -> Result<(), ProxyError> {
+        match self.framing {
+            Framing::Chunked => self.write_buf(&b"0\r\n\r\n"[..]).await?,
+            Framing::Length(total) if self.body_written != total => {
+                return Err(ProxyError::Internal {
+                    message: format!("body ended after {} of {total} bytes", self.body_written),
+                })
+            }
+            _ => {}
+        }
+        let _ = tokio::time::timeout(self.idle, self.io.flush()).await;
+        let _ = tokio::time::timeout(self.idle, self.io.shutdown()).await;
+        Ok(())
+    }
+}
+
+/// Completes when the client closes its side (EOF or error). Data a client
+/// sends after its request (pipelining) is read and discarded.
+pub async fn client_gone<R: AsyncRead + Unpin>(rd: &mut R) {
+    let mut buf = [0u8; 512];
+    loop {
+        match rd.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// After a clean finish: wait briefly for the client to close so unread
+/// input does not turn our close into an RST.
+pub async fn drain<R: AsyncRead + Unpin>(rd: &mut R, limit: Duration) {
+    let _ = tokio::time::timeout(limit, client_gone(rd)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn written(framing: Framing, chunks: &[&[u8]]) -> (Vec<u8>, Result<(), ProxyError>) {
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let mut writer = ClientWriter::new(client, Duration::from_secs(5));
+        writer.send_head(BytesMut::from(&b"HEAD\r\n\r\n"[..]), framing).await.unwrap();
+        let mut result = Ok(());
+        for c in chunks {
+            result = writer.send_body(Bytes::copy_from_slice(c)).await;
+            if result.is_err() {
+                break;
+            }
+        }
+        if result.is_ok() {
+            result = writer.finish().await;
+        }
+        drop(writer);
+        let mut out = Vec::new();
+        server.read_to_end(&mut out).await.unwrap();
+        (out, result)
+    }
+
+    #[tokio::test]
+    async fn chunked_framing_wraps_each_piece_and_ends_with_zero_chunk() {
+        let (out, result) = written(Framing::Chunked, &[b"hello", b"", b" world!"]).await;
+        result.unwrap();
+        assert_eq!(out, b"HEAD\r\n\r\n5\r\nhello\r\n7\r\n world!\r\n0\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn length_framing_passes_bytes_and_checks_the_promise() {
+        let (out, result) = written(Framing::Length(5), &[b"he", b"llo"]).await;
+        result.unwrap();
+        assert_eq!(out, b"HEAD\r\n\r\nhello");
+        let (_, short) = written(Framing::Length(6), &[b"hello"]).await;
+        assert!(short.is_err());
+        let (_, long) = written(Framing::Length(4), &[b"hello"]).await;
+        assert!(long.is_err());
+    }
+
+    #[tokio::test]
+    async fn no_body_framing_writes_nothing_after_the_head() {
+        let (out, result) = written(Framing::None, &[b"ignored"]).await;
+        result.unwrap();
+        assert_eq!(out, b"HEAD\r\n\r\n");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_reads_nothing_times_out() {
+        let (client, _server) = tokio::io::duplex(16);
+        let mut writer = ClientWriter::new(client, Duration::from_secs(3));
+        let err = writer.send_head(BytesMut::from(&[b'x'; 64][..]), Framing::Close).await.unwrap_err();
+        assert!(err.to_string().contains("read nothing"), "{err}");
+    }
+}

@@ -1,0 +1,203 @@
+//! One proxy (tokio runtime, origin clients, callback queue, counters) per
+//! process, built lazily on first use and built again after fork.
+//!
+//! fork(2) copies only the calling thread: an inherited runtime's workers
+//! are gone, so its tasks would never run. On a pid change the old proxy is
+//! leaked (dropping a runtime whose threads vanished can hang) and a fresh
+//! one is built.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::callbacks::CallbackBridge;
+use crate::errors::ProxyError;
+use crate::limits::Limits;
+use crate::stats::Stats;
+use crate::upstream::Upstream;
+
+/// Process-wide settings from `ThreadedProxy.configure`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Tokio worker threads; 0 picks one per core (at most 4).
+    pub runtime_threads: usize,
+    /// How long an exchange waits for a Ruby callback to answer.
+    pub callback_timeout: Duration,
+    /// Idle pooled origin connections are closed after this long.
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+    /// Concurrent exchanges per process; past it new ones answer 503.
+    pub max_connections: usize,
+    /// Concurrent exchanges per origin (scheme, host, port).
+    pub max_connections_per_origin: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            runtime_threads: 0,
+            callback_timeout: Duration::from_secs(30),
+            pool_idle_timeout: Duration::from_secs(60),
+            pool_max_idle_per_host: 64,
+            max_connections: 8192,
+            max_connections_per_origin: 8192,
+        }
+    }
+}
+
+static SETTINGS: Mutex<Option<Settings>> = Mutex::new(None);
+static CURRENT: Mutex<Option<&'static Proxy>> = Mutex::new(None);
+
+pub fn settings() -> Settings {
+    SETTINGS.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default()
+}
+
+/// Stores settings; limits apply at once, the rest to the next runtime built.
+pub fn configure(settings: Settings) {
+    if let Some(proxy) = existing() {
+        proxy.limits.resize(settings.max_connections, settings.max_connections_per_origin);
+    }
+    *SETTINGS.lock().unwrap_or_else(|e| e.into_inner()) = Some(settings);
+}
+
+/// Everything one process needs to run exchanges.
+pub struct Proxy {
+    pub pid: u32,
+    pub runtime: tokio::runtime::Runtime,
+    pub callbacks: CallbackBridge,
+    pub upstream: Upstream,
+    pub stats: Stats,
+    pub limits: Limits,
+    pub tracker: Tracker,
+    /// Cleared by shutdown: new exchanges are refused with 503.
+    accepting: AtomicBool,
+    /// Set to true to cut every running exchange (end of the drain).
+    cancel: watch::Sender<bool>,
+}
+
+impl Proxy {
+    fn build(settings: &Settings) -> Result<Proxy, ProxyError> {
+        let threads = match settings.runtime_threads {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()).min(4),
+            n => n,
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("threaded-proxy")
+            .enable_all()
+            .build()
+            .map_err(|e| ProxyError::Internal {
+                message: format!("cannot start the tokio runtime: {e}"),
+            })?;
+        Ok(Proxy {
+            pid: std::process::id(),
+            runtime,
+            callbacks: CallbackBridge::new(settings.callback_timeout),
+            upstream: Upstream::new(settings.pool_idle_timeout, settings.pool_max_idle_per_host),
+            stats: Stats::default(),
+            limits: Limits::new(settings.max_connections, settings.max_connections_per_origin),
+            tracker: Tracker::default(),
+            accepting: AtomicBool::new(true),
+            cancel: watch::channel(false).0,
+        })
+    }
+
+    pub fn accepting(&self) -> bool {
+        self.accepting.load(Ordering::Acquire)
+    }
+
+    pub fn cancelled(&self) -> watch::Receiver<bool> {
+        self.cancel.subscribe()
+    }
+
+    /// Stops taking exchanges; running ones go on until [`Proxy::cut`].
+    pub fn stop_accepting(&self) {
+        self.accepting.store(false, Ordering::Release);
+    }
+
+    /// Ends every running exchange now (client connections are aborted).
+    pub fn cut(&self) {
+        self.cancel.send_replace(true);
+    }
+}
+
+/// The proxy of this process, building it when there is none (or when the
+/// one there was inherited through fork).
+pub fn current() -> Result<&'static Proxy, ProxyError> {
+    let mut slot = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+    let pid = std::process::id();
+    if let Some(proxy) = *slot {
+        if proxy.pid == pid {
+            return Ok(proxy);
+        }
+    }
+    // Leaked on purpose: one per process lifetime, and never dropped after
+    // fork (see the module doc).
+    let proxy: &'static Proxy = Box::leak(Box::new(Proxy::build(&settings())?));
+    *slot = Some(proxy);
+    Ok(proxy)
+}
+
+/// The proxy of this process if one was built here (not inherited).
+pub fn existing() -> Option<&'static Proxy> {
+    let slot = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+    slot.filter(|p| p.pid == std::process::id())
+}
+
+/// Counts running exchanges so shutdown can wait for them.
+#[derive(Default)]
+pub struct Tracker {
+    active: Mutex<usize>,
+    idle: Condvar,
+    /// Total ever entered; lets tests check nothing leaked.
+    entered: AtomicUsize,
+}
+
+pub struct TrackerGuard<'a>(&'a Tracker);
+
+impl Drop for TrackerGuard<'_> {
+    fn drop(&mut self) {
+        let mut active = self.0.active.lock().unwrap_or_else(|e| e.into_inner());
+        *active -= 1;
+        if *active == 0 {
+            self.0.idle.notify_all();
+        }
+    }
+}
+
+impl Tracker {
+    pub fn enter(&self) -> TrackerGuard<'_> {
+        *self.active.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.entered.fetch_add(1, Ordering::Relaxed);
+        TrackerGuard(self)
+    }
+
+    pub fn active(&self) -> usize {
+        *self.active.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until no exchange runs, the deadline passes or `interrupted` is
+    /// set; true when idle.
+    pub fn wait_idle(&self, deadline: Instant, interrupted: &AtomicBool) -> bool {
+        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if *active == 0 {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline || interrupted.load(Ordering::Acquire) {
+                return false;
+            }
+            active = self.idle.wait_timeout(active, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// Wakes a [`Tracker::wait_idle`] caller (unblocking function).
+    pub fn interrupt(&self, flag: &AtomicBool) {
+        flag.store(true, Ordering::Release);
+        let _active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        self.idle.notify_all();
+    }
+}

@@ -1,0 +1,62 @@
+# frozen_string_literal: true
+
+require_relative "threaded_proxy/version"
+require_relative "threaded_proxy/errors"
+require_relative "threaded_proxy/native"
+require_relative "threaded_proxy/configuration"
+require_relative "threaded_proxy/options"
+require_relative "threaded_proxy/config"
+require_relative "threaded_proxy/response"
+require_relative "threaded_proxy/responder"
+require_relative "threaded_proxy/dispatcher"
+require_relative "threaded_proxy/response_reader"
+require_relative "threaded_proxy/exchange"
+require_relative "threaded_proxy/rack"
+require_relative "threaded_proxy/controller"
+require_relative "threaded_proxy/railtie" if defined?(Rails::Railtie)
+
+# Proxy HTTP requests from Rails or Rack without holding an app-server
+# thread: the client socket goes to a Rust runtime that streams the origin's
+# response to it; Ruby runs only the callbacks you give.
+module ThreadedProxy
+  class << self
+    def configuration
+      @configuration ||= Configuration.new
+    end
+
+    # ThreadedProxy.configure { |c| c.max_connections = 2_000 }
+    def configure
+      yield configuration
+      configuration.apply!
+      configuration
+    end
+
+    # Counters of this process (active, started, completed, failed_*, …).
+    def stats
+      Native.stats
+    end
+
+    # Proxies the request in `env` to `url`; returns the Rack response to
+    # return from the app (a hijack marker under Puma).
+    def call(env, url, **options, &config)
+      Exchange.new(env, url, options, &config).start
+    end
+
+    # Stops taking exchanges, lets running ones finish for up to `timeout`
+    # seconds, then cuts the rest. Safe to call more than once.
+    def shutdown(timeout = configuration.shutdown_timeout)
+      return true unless Native.runtime_pid == Process.pid
+
+      Native.stop_accepting
+      drained = Native.wait_idle(timeout.to_f)
+      unless drained
+        Native.cut
+        Native.wait_idle(1.0)
+      end
+      Dispatcher.instance.stop
+      drained
+    end
+  end
+end
+
+at_exit { ThreadedProxy.shutdown }

@@ -1,0 +1,72 @@
+# frozen_string_literal: true
+
+module ThreadedProxy
+  # Process-wide settings. Timeouts are defaults for each proxy_fetch call;
+  # limits and thread counts apply to the whole process.
+  class Configuration
+    # Two descriptors per exchange (client and origin), and some left over
+    # for the app itself: the default cap keeps a worker from running out.
+    RESERVED_FDS = 256
+
+    attr_accessor :max_connections, :max_connections_per_origin,
+                  :connect_timeout, :header_timeout, :idle_timeout,
+                  :callback_threads, :runtime_threads, :callback_timeout,
+                  :shutdown_timeout, :max_buffered_body, :allowed_hosts,
+                  :pool_idle_timeout, :pool_max_idle_per_host, :logger
+
+    def initialize
+      @max_connections = default_max_connections
+      @max_connections_per_origin = @max_connections
+      @connect_timeout = 5.0
+      @header_timeout = 60.0
+      @idle_timeout = 60.0
+      @callback_threads = 2
+      @runtime_threads = 0 # one per core, at most 4
+      @callback_timeout = 30.0
+      @shutdown_timeout = 25.0
+      @max_buffered_body = 10 * 1024 * 1024
+      @allowed_hosts = nil
+      @pool_idle_timeout = 60.0
+      @pool_max_idle_per_host = 64
+      @logger = nil
+    end
+
+    # Pushes the settings to the Rust side (limits take effect at once).
+    def apply!
+      validate!
+      Native.configure(
+        max_connections: Integer(max_connections),
+        max_connections_per_origin: Integer(max_connections_per_origin),
+        runtime_threads: Integer(runtime_threads),
+        callback_timeout: Float(callback_timeout),
+        pool_idle_timeout: Float(pool_idle_timeout),
+        pool_max_idle_per_host: Integer(pool_max_idle_per_host)
+      )
+    end
+
+    def logger_or_default
+      logger || (defined?(::Rails) && ::Rails.respond_to?(:logger) ? ::Rails.logger : nil)
+    end
+
+    private
+
+    def validate!
+      { max_connections:, max_connections_per_origin:, callback_threads: }.each do |name, value|
+        raise ArgumentError, "#{name} must be a positive Integer" unless value.is_a?(Integer) && value.positive?
+      end
+      { connect_timeout:, header_timeout:, idle_timeout:, callback_timeout:, shutdown_timeout: }.each do |name, value|
+        raise ArgumentError, "#{name} must be a positive number" unless value.is_a?(Numeric) && value.positive?
+      end
+      return if allowed_hosts.nil? || allowed_hosts.is_a?(Array)
+
+      raise ArgumentError, "allowed_hosts must be nil or an Array of Strings and Regexps"
+    end
+
+    def default_max_connections
+      soft, = Process.getrlimit(:NOFILE)
+      [(soft - RESERVED_FDS) / 2, 16].max
+    rescue StandardError
+      512
+    end
+  end
+end

@@ -1,0 +1,162 @@
+# frozen_string_literal: true
+
+require "socket"
+
+module ThreadedProxy
+  # One proxy_fetch call on the Ruby side: checks the arguments, gathers the
+  # request, takes the client socket and hands everything to Rust.
+  class Exchange
+    # What the app returns once the socket was hijacked (the server ignores it).
+    HIJACKED = [200, {}.freeze, [].freeze].freeze
+
+    # Client headers that are not the client's to forward.
+    NOT_FORWARDED = %w[host version content-length].freeze
+
+    def initialize(env, url, options, &block)
+      @env = env
+      @options = Options.new(url, options)
+      @config = Config.new
+      block&.call(@config)
+    end
+
+    # Starts the exchange; returns the Rack response for the app to return.
+    def start
+      spec = native_spec
+      io = hijack
+      return start_on_socket(io, spec) if io
+
+      start_in_request_thread(spec)
+    end
+
+    private
+
+    def start_on_socket(io, spec)
+      begin
+        Native.start_exchange(io.fileno, spec.merge(id: register))
+      rescue StandardError
+        io.write("HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n") rescue nil # rubocop:disable Style/RescueModifier
+        raise
+      ensure
+        io.close
+      end
+      HIJACKED
+    end
+
+    # Servers without hijack (rack-test, WEBrick, Puma over TLS): Rust writes
+    # the response into a socket pair and the request thread streams it out.
+    def start_in_request_thread(spec)
+      ours, theirs = UNIXSocket.pair(:STREAM)
+      begin
+        Native.start_exchange(theirs.fileno, spec.merge(id: register, client_http10: false))
+      rescue StandardError
+        ours.close
+        raise
+      ensure
+        theirs.close
+      end
+      ResponseReader.new(ours, head_only: spec[:client_head]).rack_response
+    end
+
+    def register
+      Dispatcher.instance.register(
+        Dispatcher::Record.new(config: @config, method: @options.method, url: @options.url)
+      )
+    end
+
+    # The client IO, or nil when this server cannot hand it over safely.
+    def hijack
+      return nil unless @env["rack.hijack?"] && @env["rack.hijack"].respond_to?(:call)
+      # Puma over TLS gives a MiniSSL socket: raw bytes on its fd would
+      # break the TLS stream.
+      socket = @env["puma.socket"]
+      return nil if socket && !socket.is_a?(BasicSocket)
+
+      io = @env["rack.hijack"].call
+      io = @env["rack.hijack_io"] unless io.respond_to?(:fileno)
+      io
+    end
+
+    def native_spec
+      body = request_body
+      {
+        method: @options.method,
+        url: @options.url,
+        headers: request_headers(body),
+        client_head: @env["REQUEST_METHOD"] == "HEAD",
+        client_http10: (@env["SERVER_PROTOCOL"] || @env["HTTP_VERSION"]) == "HTTP/1.0",
+        on_headers: !@config[:on_headers].nil?,
+        on_response: !@config[:on_response].nil?,
+        on_error: !@config[:on_error].nil?,
+        finished: true,
+        connect_timeout: @options.connect_timeout,
+        header_timeout: @options.header_timeout,
+        idle_timeout: @options.idle_timeout,
+        verify_tls: @options.verify_tls,
+        ca_file: @options.ca_file,
+        max_buffered_body: @options.max_buffered_body
+      }.merge(body)
+    end
+
+    # Forwarded client headers first, then the caller's, which win.
+    def request_headers(body)
+      headers = forwarded_headers
+      if @options.body == :rack && @env["CONTENT_TYPE"] && !@env["CONTENT_TYPE"].empty?
+        headers << ["Content-Type", @env["CONTENT_TYPE"]]
+      end
+      own = @options.headers
+      names = own.map { |name, _| name.downcase }
+      headers.reject { |name, _| names.include?(name.downcase) } + own
+    end
+
+    def forwarded_headers
+      wanted = @options.forward_headers
+      return [] unless wanted
+
+      pairs = []
+      @env.each do |key, value|
+        next unless key.start_with?("HTTP_") && value.is_a?(String)
+
+        name = key.delete_prefix("HTTP_").split("_").map(&:capitalize).join("-")
+        lower = name.downcase
+        next if NOT_FORWARDED.include?(lower) || Options::HOP_BY_HOP.include?(lower)
+        next if wanted.is_a?(Array) && !wanted.include?(lower)
+        next if Options::FORBIDDEN_BYTES.match?(value)
+
+        pairs << [name, value]
+      end
+      connection_named = @env["HTTP_CONNECTION"].to_s.split(",").map { |t| t.strip.downcase }
+      pairs.reject { |name, _| connection_named.include?(name.downcase) }
+    end
+
+    # The body as Rust wants it. Taken before the action returns: Puma
+    # closes and unlinks rack.input's Tempfile afterwards.
+    def request_body
+      body = @options.body
+      body = @env["rack.input"] if body == :rack
+      case body
+      when nil then {}
+      when String then { body: body.b }
+      else io_body(body, rack_input: @options.body == :rack)
+      end
+    end
+
+    def io_body(io, rack_input:)
+      file = file_of(io)
+      if file
+        # Puma may have left the offset anywhere; a rack body starts at 0.
+        { body_fd: file.fileno, body_offset: rack_input ? 0 : file.pos }
+      else
+        io.rewind if rack_input && io.respond_to?(:rewind)
+        data = io.read
+        data.nil? || data.empty? ? {} : { body: data.b }
+      end
+    end
+
+    def file_of(io)
+      return io if io.is_a?(File)
+      return io.__getobj__ if defined?(Tempfile) && io.is_a?(Tempfile) && io.__getobj__.is_a?(File)
+
+      nil
+    end
+  end
+end

@@ -1,0 +1,78 @@
+# frozen_string_literal: true
+
+module ThreadedProxy
+  # Rack middleware that proxies the requests a router picks, in the spirit
+  # of ProxyMachine:
+  #
+  #   use ThreadedProxy::Middleware, "/api" => "http://api.internal:8080"
+  #   use ThreadedProxy::Middleware do |env|
+  #     "http://files.internal#{env["PATH_INFO"]}" if env["PATH_INFO"].start_with?("/files/")
+  #   end
+  #
+  # The block returns an origin URL (proxy it), nil (pass to the app) or a
+  # Rack response (answer directly). Proxied requests keep their method,
+  # body and headers, like reverse_proxy.
+  class Middleware
+    def initialize(app, routes = nil, **options, &router)
+      raise ArgumentError, "give a routes Hash or a block, not both" if routes && router
+      raise ArgumentError, "give a routes Hash or a block" unless routes || router
+
+      @app = app
+      @routes = routes&.map { |prefix, origin| [prefix.to_s, origin.to_s.chomp("/")] }&.sort_by { |p, _| -p.size }
+      @router = router
+      @options = options
+    end
+
+    def call(env)
+      target = @router ? @router.call(env) : route(env)
+      case target
+      when nil then @app.call(env)
+      when Array then target
+      else ThreadedProxy.call(env, target.to_s, **pass_through_options(env))
+      end
+    end
+
+    private
+
+    def route(env)
+      path = env["PATH_INFO"].to_s
+      @routes.each do |prefix, origin|
+        next unless path == prefix || path.start_with?(prefix.end_with?("/") ? prefix : "#{prefix}/")
+
+        query = env["QUERY_STRING"].to_s
+        return "#{origin}#{path}#{"?#{query}" unless query.empty?}"
+      end
+      nil
+    end
+
+    def pass_through_options(env)
+      ThreadedProxy.forwarding_options(env).merge(@options) do |key, ours, theirs|
+        key == :headers ? ours.merge(theirs) : theirs
+      end
+    end
+  end
+
+  class << self
+    # The options reverse_proxy and the middleware use to pass a request
+    # through: same method and body, client headers, X-Forwarded-*.
+    def forwarding_options(env)
+      method = env["REQUEST_METHOD"]
+      has_body = env["CONTENT_LENGTH"].to_i.positive? || env.key?("HTTP_TRANSFER_ENCODING")
+      options = { method: method, forward_headers: true, headers: forwarded_for_headers(env) }
+      options[:body] = :rack if has_body
+      options
+    end
+
+    def forwarded_for_headers(env)
+      remote = env["REMOTE_ADDR"].to_s
+      prior = env["HTTP_X_FORWARDED_FOR"].to_s
+      scheme = env["HTTP_X_FORWARDED_PROTO"] || env["rack.url_scheme"] || "http"
+      host = env["HTTP_HOST"] || [env["SERVER_NAME"], env["SERVER_PORT"]].compact.join(":")
+      {
+        "X-Forwarded-For" => prior.empty? ? remote : "#{prior}, #{remote}",
+        "X-Forwarded-Proto" => scheme.to_s,
+        "X-Forwarded-Host" => host.to_s
+      }
+    end
+  end
+end

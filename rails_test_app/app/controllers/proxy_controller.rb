@@ -1,0 +1,79 @@
+# frozen_string_literal: true
+
+# Shows every part of the ThreadedProxy::Controller API. Each action proxies to
+# ORIGIN plus the rest of its own path and the original query string, so the
+# specs drive the origin's behaviour through the URL they request here.
+class ProxyController < ApplicationController
+  include ThreadedProxy::Controller
+
+  ORIGIN = ENV.fetch("ORIGIN_URL", "http://127.0.0.1:9292")
+
+  # match "/proxy/*path" (any verb); ?method=post overrides the verb.
+  def fetch
+    proxy_fetch origin_url, method: proxy_method, headers: { "X-From-Proxy" => "1" }
+  end
+
+  def with_headers
+    proxy_fetch origin_url, method: proxy_method, headers: { "X-From-Proxy" => "1" } do |config|
+      config.on_headers do |response|
+        response["x-proxied-by"] = "threaded-proxy"
+        response.delete("x-remove-me")
+        response["content-security-policy"] = "sandbox;"
+      end
+    end
+  end
+
+  def raising
+    proxy_fetch origin_url do |config|
+      config.on_headers { |_response| raise "boom" }
+    end
+  end
+
+  def inline
+    render plain: "inline ok"
+  end
+
+  def reverse
+    path = request.fullpath.delete_prefix("/reverse")
+    reverse_proxy ORIGIN, path: path.start_with?("/") ? path : "/#{path}"
+  end
+
+  def with_response
+    proxy_fetch origin_url do |config|
+      config.on_response do |response, responder|
+        body = response.body
+        responder.render(status: response.status, headers: { "x-on-response" => "1" }, text: body.upcase)
+      end
+    end
+  end
+
+  def with_error
+    proxy_fetch origin_url do |config|
+      config.on_error do |error, responder|
+        responder.render(status: 599, text: "custom error #{error.class}")
+      end
+    end
+  end
+
+  def with_complete
+    url = origin_url
+    proxy_fetch url do |config|
+      config.on_complete do |response|
+        Rails.logger.info("[threaded-proxy] on_complete status=#{response.status} url=#{url}")
+      end
+    end
+  end
+
+  private
+
+  # The origin URL for this request: ORIGIN + the path after the route's first
+  # segment (taken from the raw path so percent-encoding survives) + the query.
+  def origin_url
+    url = "#{ORIGIN}/#{request.path.split('/', 3)[2]}"
+    request.query_string.empty? ? url : "#{url}?#{request.query_string}"
+  end
+
+  def proxy_method
+    (params[:method] || request.request_method).downcase.to_sym
+  end
+end

@@ -1,0 +1,24 @@
+# frozen_string_literal: true
+
+require_relative "boot"
+
+require "rails"
+require "active_support/railtie"
+require "action_controller/railtie"
+
+require "threaded_proxy"
+
+module RailsTestApp
+  # A minimal Rails app (no database, no views) served by Puma: used by the
+  # integration specs and the demo to exercise ThreadedProxy::Controller.
+  class Application < Rails::Application
+    config.load_defaults 6.1
+
+    config.eager_load = false
+    config.secret_key_base = "threaded-proxy-rails-test-app-secret-key-base-not-secret"
+    config.hosts.clear
+
+    config.logger = ActiveSupport::TaggedLogging.new(ActiveSupport::Logger.new($stdout))
+    config.log_level = ENV.fetch("RAILS_LOG_LEVEL", "info").to_sym
+  end
+end

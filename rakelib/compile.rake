@@ -1,0 +1,23 @@
+# frozen_string_literal: true
+
+require "fileutils"
+require "rbconfig"
+
+ROOT = File.expand_path("..", __dir__) unless defined?(ROOT)
+
+desc "Build the Rust extension the way a gem install does, into lib/threaded_proxy/"
+task :compile do
+  build_dir = File.join(ROOT, "tmp", "ext")
+  FileUtils.mkdir_p(build_dir)
+  Dir.chdir(build_dir) do
+    sh RbConfig.ruby, File.join(ROOT, "ext", "threaded_proxy", "extconf.rb")
+    sh "make", "install", "RUBYARCHDIR=#{File.join(ROOT, "lib", "threaded_proxy")}"
+  end
+end
+
+desc "cargo fmt --check, clippy -D warnings (with and without the Ruby bindings)"
+task :lint do
+  sh "cargo fmt --all -- --check"
+  sh "cargo clippy --workspace --all-targets -- -D warnings"
+  sh({ "RUBY" => RbConfig.ruby }, "cargo clippy -p threaded_proxy --features ruby --all-targets -- -D warnings")
+end
