@@ -36,6 +36,14 @@ module ThreadedProxy
       Native.stats
     end
 
+    # Starts the runtime and the callback threads now instead of on the first
+    # exchange. Safe before fork: a forked child builds its own.
+    def start
+      Native.start_runtime
+      Dispatcher.instance.start
+      self
+    end
+
     # Proxies the request in `env` to `url`; returns the Rack response to
     # return from the app (a hijack marker under Puma).
     def call(env, url, **options, &config)

@@ -27,9 +27,11 @@ File.write("Makefile", <<~MAKE)
   \tRUBY=#{RbConfig.ruby.shellescape} CARGO_TARGET_DIR=#{target_dir.shellescape} #{cargo.shellescape} build --profile #{profile.shellescape} --features ruby --manifest-path #{File.join(crate_dir, "Cargo.toml").shellescape}
   \tcp #{built.shellescape} #{target}
 
+  # Copy then rename: a running process keeps its mapping of the old file.
   install: #{target}
   \tmkdir -p $(RUBYARCHDIR)
-  \tcp #{target} $(RUBYARCHDIR)/#{target}
+  \tcp #{target} $(RUBYARCHDIR)/#{target}.tmp
+  \tmv -f $(RUBYARCHDIR)/#{target}.tmp $(RUBYARCHDIR)/#{target}
 
   clean:
   \trm -f #{target}

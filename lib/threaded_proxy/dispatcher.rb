@@ -32,6 +32,11 @@ module ThreadedProxy
       end
     end
 
+    # Starts this process's callback threads if they are not running yet.
+    def start
+      @mutex.synchronize { start_threads unless @pid == Process.pid }
+    end
+
     def pending
       @mutex.synchronize { @records.size }
     end

@@ -12,4 +12,5 @@ Rails.application.routes.draw do
   match "/reverse", to: "proxy#reverse", via: :all
   match "/reverse/*path", to: "proxy#reverse", via: :all, format: false
   get "/inline", to: "proxy#inline"
+  match "/pid_proxy/*path", to: "proxy#with_pid", via: :all, format: false
 end

@@ -102,7 +102,11 @@ impl<T> BlockingQueue<T> {
     }
 
     pub fn len(&self) -> usize {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).items.len()
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .items
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -174,7 +178,9 @@ pub enum CallbackReply {
     Continue(ResponseHead),
     Render(Rendered),
     /// The callback raised: answer 500 (when nothing was sent yet).
-    Failed { message: String },
+    Failed {
+        message: String,
+    },
 }
 
 /// Where Ruby's `response.body` gets the buffered origin body from.
@@ -328,18 +334,31 @@ mod tests {
         let bridge = Arc::new(CallbackBridge::new(Duration::from_secs(5)));
         let worker_bridge = bridge.clone();
         let worker = thread::spawn(move || {
-            let mut job = worker_bridge.queue.pop_wait(&AtomicBool::new(false), None).unwrap();
+            let mut job = worker_bridge
+                .queue
+                .pop_wait(&AtomicBool::new(false), None)
+                .unwrap();
             let CallbackEvent::Headers(mut head) = std::mem::replace(
                 &mut job.event,
-                CallbackEvent::Error(ErrorReport::from(&ProxyError::Internal { message: String::new() })),
+                CallbackEvent::Error(ErrorReport::from(&ProxyError::Internal {
+                    message: String::new(),
+                })),
             ) else {
                 panic!("expected a headers job")
             };
-            head.headers.push(("x-added".into(), Bytes::from_static(b"1")));
+            head.headers
+                .push(("x-added".into(), Bytes::from_static(b"1")));
             job.reply(CallbackReply::Continue(head));
         });
-        let head = ResponseHead { status: 200, reason: None, headers: vec![] };
-        let reply = bridge.call(7, CallbackEvent::Headers(head), "http://x").await.unwrap();
+        let head = ResponseHead {
+            status: 200,
+            reason: None,
+            headers: vec![],
+        };
+        let reply = bridge
+            .call(7, CallbackEvent::Headers(head), "http://x")
+            .await
+            .unwrap();
         worker.join().unwrap();
         match reply {
             CallbackReply::Continue(head) => assert_eq!(head.headers.len(), 1),
@@ -350,16 +369,30 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_silent_dispatcher_times_out_instead_of_hanging() {
         let bridge = CallbackBridge::new(Duration::from_secs(30));
-        let head = ResponseHead { status: 200, reason: None, headers: vec![] };
-        let err = bridge.call(1, CallbackEvent::Headers(head), "http://x").await.err().unwrap();
+        let head = ResponseHead {
+            status: 200,
+            reason: None,
+            headers: vec![],
+        };
+        let err = bridge
+            .call(1, CallbackEvent::Headers(head), "http://x")
+            .await
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("did not answer"), "{err}");
     }
 
     #[tokio::test]
     async fn a_dropped_job_is_a_failure_not_a_hang() {
         let bridge = CallbackBridge::new(Duration::from_secs(30));
-        let head = ResponseHead { status: 200, reason: None, headers: vec![] };
-        let rx = bridge.request(1, CallbackEvent::Headers(head), None, "http://x").unwrap();
+        let head = ResponseHead {
+            status: 200,
+            reason: None,
+            headers: vec![],
+        };
+        let rx = bridge
+            .request(1, CallbackEvent::Headers(head), None, "http://x")
+            .unwrap();
         drop(bridge.queue.pop_wait(&AtomicBool::new(false), None));
         let err = bridge.await_reply(rx, "http://x").await.err().unwrap();
         assert!(err.to_string().contains("without answering"), "{err}");

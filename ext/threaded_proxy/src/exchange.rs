@@ -18,7 +18,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
 use crate::callbacks::{
-    BlockingQueue, BodyRequest, CallbackEvent, CallbackReply, Rendered, RenderedBody, ResponseHead, Summary,
+    BlockingQueue, BodyRequest, CallbackEvent, CallbackReply, Rendered, RenderedBody, ResponseHead,
+    Summary,
 };
 use crate::errors::{ErrorReport, ProxyError};
 use crate::handoff::{self, ClientSocket};
@@ -200,7 +201,11 @@ impl<W: AsyncWrite + Unpin> Exchange<W> {
         };
         if !self.writer.head_sent && !matches!(err, ProxyError::Client { .. }) {
             if let Err(answer_err) = self.answer_error(&err).await {
-                return Err(if matches!(answer_err, ProxyError::Client { .. }) { err } else { answer_err });
+                return Err(if matches!(answer_err, ProxyError::Client { .. }) {
+                    err
+                } else {
+                    answer_err
+                });
             }
         }
         Err(err)
@@ -224,18 +229,22 @@ impl<W: AsyncWrite + Unpin> Exchange<W> {
                 });
             }
         };
-        let client = proxy.upstream.client(&self.spec.tls, self.spec.timeouts.connect, &self.spec.url)?;
+        let client =
+            proxy
+                .upstream
+                .client(&self.spec.tls, self.spec.timeouts.connect, &self.spec.url)?;
         let request = self.build_request()?;
-        let response = match tokio::time::timeout(self.spec.timeouts.header, client.request(request)).await {
-            Err(_) => {
-                return Err(ProxyError::Timeout {
-                    url: self.spec.url.clone(),
-                    phase: "waiting for the response headers",
-                })
-            }
-            Ok(Err(e)) => return Err(upstream::classify(&e, &self.spec.url)),
-            Ok(Ok(response)) => response,
-        };
+        let response =
+            match tokio::time::timeout(self.spec.timeouts.header, client.request(request)).await {
+                Err(_) => {
+                    return Err(ProxyError::Timeout {
+                        url: self.spec.url.clone(),
+                        phase: "waiting for the response headers",
+                    })
+                }
+                Ok(Err(e)) => return Err(upstream::classify(&e, &self.spec.url)),
+                Ok(Ok(response)) => response,
+            };
         self.time_to_first_byte = Some(self.started.elapsed());
         if headers::ambiguous_framing(response.headers()) {
             return Err(ProxyError::Upstream {
@@ -261,7 +270,10 @@ impl<W: AsyncWrite + Unpin> Exchange<W> {
         };
 
         if self.spec.callbacks.on_headers {
-            let reply = proxy.callbacks.call(self.spec.id, CallbackEvent::Headers(head), self.url()).await?;
+            let reply = proxy
+                .callbacks
+                .call(self.spec.id, CallbackEvent::Headers(head), self.url())
+                .await?;
             proxy.stats.callbacks_run.fetch_add(1, Relaxed);
             head = match reply {
                 CallbackReply::Continue(changed) => changed,
@@ -271,9 +283,12 @@ impl<W: AsyncWrite + Unpin> Exchange<W> {
         }
 
         if self.spec.callbacks.on_response {
-            return self.serve_on_response(head, body, body_length, head_length).await;
+            return self
+                .serve_on_response(head, body, body_length, head_length)
+                .await;
         }
-        self.relay_origin(head, body, body_length, head_length).await
+        self.relay_origin(head, body, body_length, head_length)
+            .await
     }
 
     fn callback_error(&self, message: String) -> ProxyError {
@@ -284,7 +299,9 @@ impl<W: AsyncWrite + Unpin> Exchange<W> {
     }
 
     fn build_request(&mut self) -> Result<Request<upstream::RequestBody>, ProxyError> {
-        let mut builder = Request::builder().method(self.spec.method.clone()).uri(&self.spec.url);
+        let mut builder = Request::builder()
+            .method(self.spec.method.clone())
+            .uri(&self.spec.url);
         for (name, value) in &self.spec.headers {
             headers::validate(name, value).map_err(|message| ProxyError::InvalidHeader {
                 url: self.spec.url.clone(),
@@ -331,8 +348,14 @@ impl<W: AsyncWrite + Unpin> Exchange<W> {
     {
         self.validate_head(&head.headers)?;
         let framing = headers::framing(head.status, self.spec.client, body_length);
-        self.send_head(head.status, head.reason.as_deref(), &head.headers, framing, head_length)
-            .await?;
+        self.send_head(
+            head.status,
+            head.reason.as_deref(),
+            &head.headers,
+            framing,
+            head_length,
+        )
+        .await?;
         if framing != Framing::None {
             self.copy_body(body, true).await?;
         }
@@ -407,7 +430,10 @@ impl<W: AsyncWrite + Unpin> Exchange<W> {
             if let Ok(data) = frame.into_data() {
                 if from_origin {
                     self.bytes_from_origin += data.len() as u64;
-                    self.proxy.stats.bytes_from_origin.fetch_add(data.len() as u64, Relaxed);
+                    self.proxy
+                        .stats
+                        .bytes_from_origin
+                        .fetch_add(data.len() as u64, Relaxed);
                 }
                 let before = self.writer.bytes_written;
                 let sent = self.writer.send_body(data).await;
@@ -445,7 +471,10 @@ impl<W: AsyncWrite + Unpin> Exchange<W> {
                 Ok(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
                         self.bytes_from_origin += data.len() as u64;
-                        self.proxy.stats.bytes_from_origin.fetch_add(data.len() as u64, Relaxed);
+                        self.proxy
+                            .stats
+                            .bytes_from_origin
+                            .fetch_add(data.len() as u64, Relaxed);
                         if buf.len() + data.len() > limit {
                             return Err(ProxyError::BodyTooLarge {
                                 url: self.spec.url.clone(),
@@ -501,8 +530,12 @@ impl<W: AsyncWrite + Unpin> Exchange<W> {
         };
         proxy.stats.callbacks_run.fetch_add(1, Relaxed);
         let reply = match reply {
-            Err(_) => return Err(self.callback_error("on_response did not answer in time".to_owned())),
-            Ok(Err(_)) => return Err(self.callback_error("on_response finished without answering".to_owned())),
+            Err(_) => {
+                return Err(self.callback_error("on_response did not answer in time".to_owned()))
+            }
+            Ok(Err(_)) => {
+                return Err(self.callback_error("on_response finished without answering".to_owned()))
+            }
             Ok(Ok(reply)) => reply,
         };
         match reply {
@@ -511,9 +544,13 @@ impl<W: AsyncWrite + Unpin> Exchange<W> {
             CallbackReply::Continue(head) => match (buffered, origin_body) {
                 (Some(bytes), _) => {
                     let length = Some(bytes.len() as u64);
-                    self.relay_origin(head, http_body_util::Full::new(bytes), length, length).await
+                    self.relay_origin(head, http_body_util::Full::new(bytes), length, length)
+                        .await
                 }
-                (None, Some(body)) => self.relay_origin(head, body, body_length, head_length).await,
+                (None, Some(body)) => {
+                    self.relay_origin(head, body, body_length, head_length)
+                        .await
+                }
                 (None, None) => Err(self.callback_error("response body was lost".to_owned())),
             },
         }
@@ -524,21 +561,41 @@ impl<W: AsyncWrite + Unpin> Exchange<W> {
         self.validate_head(&rendered.headers)?;
         match rendered.body {
             RenderedBody::Bytes(bytes) => {
-                let framing = headers::framing(rendered.status, self.spec.client, Some(bytes.len() as u64));
-                self.send_head(rendered.status, None, &rendered.headers, framing, Some(bytes.len() as u64))
-                    .await?;
+                let framing =
+                    headers::framing(rendered.status, self.spec.client, Some(bytes.len() as u64));
+                self.send_head(
+                    rendered.status,
+                    None,
+                    &rendered.headers,
+                    framing,
+                    Some(bytes.len() as u64),
+                )
+                .await?;
                 if framing != Framing::None {
-                    self.copy_body(http_body_util::Full::new(bytes), false).await?;
+                    self.copy_body(http_body_util::Full::new(bytes), false)
+                        .await?;
                 }
             }
             RenderedBody::File(mut file) => {
                 use std::io::Seek;
                 let offset = file.stream_position().map_err(|e| self.file_error(e))?;
-                let length = file.metadata().map_err(|e| self.file_error(e))?.len().saturating_sub(offset);
+                let length = file
+                    .metadata()
+                    .map_err(|e| self.file_error(e))?
+                    .len()
+                    .saturating_sub(offset);
                 let framing = headers::framing(rendered.status, self.spec.client, Some(length));
-                let body = BodySource::File { file, offset }.into_body().map_err(|e| self.file_error(e))?;
-                self.send_head(rendered.status, None, &rendered.headers, framing, Some(length))
-                    .await?;
+                let body = BodySource::File { file, offset }
+                    .into_body()
+                    .map_err(|e| self.file_error(e))?;
+                self.send_head(
+                    rendered.status,
+                    None,
+                    &rendered.headers,
+                    framing,
+                    Some(length),
+                )
+                .await?;
                 if framing != Framing::None {
                     self.copy_body(body, false).await?;
                 }
@@ -559,20 +616,32 @@ impl<W: AsyncWrite + Unpin> Exchange<W> {
     async fn answer_error(&mut self, err: &ProxyError) -> Result<(), ProxyError> {
         if self.spec.callbacks.on_error {
             let event = CallbackEvent::Error(ErrorReport::from(err));
-            match self.proxy.callbacks.call(self.spec.id, event, &self.spec.url).await {
+            match self
+                .proxy
+                .callbacks
+                .call(self.spec.id, event, &self.spec.url)
+                .await
+            {
                 Ok(CallbackReply::Render(rendered)) => return self.write_rendered(rendered).await,
                 Ok(CallbackReply::Continue(_)) => {}
                 Ok(CallbackReply::Failed { message }) => {
-                    return self.write_rendered(default_answer(&self.callback_error(message))).await
+                    return self
+                        .write_rendered(default_answer(&self.callback_error(message)))
+                        .await
                 }
-                Err(callback_err) => return self.write_rendered(default_answer(&callback_err)).await,
+                Err(callback_err) => {
+                    return self.write_rendered(default_answer(&callback_err)).await
+                }
             }
         }
         self.write_rendered(default_answer(err)).await
     }
 }
 
-fn answer_body_request(slot: &Arc<BlockingQueue<Result<Bytes, ErrorReport>>>, result: Result<Bytes, ErrorReport>) {
+fn answer_body_request(
+    slot: &Arc<BlockingQueue<Result<Bytes, ErrorReport>>>,
+    result: Result<Bytes, ErrorReport>,
+) {
     let _ = slot.push(result);
 }
 
@@ -584,8 +653,14 @@ pub fn default_answer(err: &ProxyError) -> Rendered {
         .and_then(|s| s.canonical_reason())
         .unwrap_or("Error");
     let mut headers: HeaderList = vec![
-        ("content-type".to_owned(), Bytes::from_static(b"text/plain; charset=utf-8")),
-        ("x-threaded-proxy-error".to_owned(), Bytes::from(err.kind().as_str())),
+        (
+            "content-type".to_owned(),
+            Bytes::from_static(b"text/plain; charset=utf-8"),
+        ),
+        (
+            "x-threaded-proxy-error".to_owned(),
+            Bytes::from(err.kind().as_str()),
+        ),
     ];
     if status == 503 {
         headers.push(("retry-after".to_owned(), Bytes::from_static(b"1")));
@@ -602,7 +677,9 @@ pub fn origin_key(url: &str) -> String {
     match url.parse::<http::Uri>() {
         Ok(uri) => {
             let scheme = uri.scheme_str().unwrap_or("http");
-            let port = uri.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
+            let port = uri
+                .port_u16()
+                .unwrap_or(if scheme == "https" { 443 } else { 80 });
             format!("{scheme}://{}:{port}", uri.host().unwrap_or(""))
         }
         Err(_) => url.to_owned(),
@@ -617,17 +694,33 @@ mod tests {
     fn origin_key_fills_default_ports() {
         assert_eq!(origin_key("http://a.test/x?y"), "http://a.test:80");
         assert_eq!(origin_key("https://a.test/"), "https://a.test:443");
-        assert_eq!(origin_key("http://127.0.0.1:9000/p"), "http://127.0.0.1:9000");
+        assert_eq!(
+            origin_key("http://127.0.0.1:9000/p"),
+            "http://127.0.0.1:9000"
+        );
     }
 
     #[test]
     fn default_answers_map_kinds_to_statuses() {
-        let overload = default_answer(&ProxyError::Overload { url: "u".into(), message: "m".into() });
+        let overload = default_answer(&ProxyError::Overload {
+            url: "u".into(),
+            message: "m".into(),
+        });
         assert_eq!(overload.status, 503);
-        assert!(overload.headers.iter().any(|(n, v)| n == "retry-after" && v == "1"));
-        let timeout = default_answer(&ProxyError::Timeout { url: "u".into(), phase: "p" });
+        assert!(overload
+            .headers
+            .iter()
+            .any(|(n, v)| n == "retry-after" && v == "1"));
+        let timeout = default_answer(&ProxyError::Timeout {
+            url: "u".into(),
+            phase: "p",
+        });
         assert_eq!(timeout.status, 504);
-        let connect = default_answer(&ProxyError::Connect { url: "u".into(), message: "m".into(), errno: Some(111) });
+        let connect = default_answer(&ProxyError::Connect {
+            url: "u".into(),
+            message: "m".into(),
+            errno: Some(111),
+        });
         assert_eq!(connect.status, 502);
     }
 }

@@ -46,7 +46,12 @@ pub fn end_to_end(headers: &HeaderMap) -> HeaderList {
             let name = name.as_str();
             !is_hop_by_hop(name) && !named.iter().any(|n| n == name)
         })
-        .map(|(name, value)| (name.as_str().to_owned(), Bytes::copy_from_slice(value.as_bytes())))
+        .map(|(name, value)| {
+            (
+                name.as_str().to_owned(),
+                Bytes::copy_from_slice(value.as_bytes()),
+            )
+        })
         .collect()
 }
 
@@ -56,7 +61,12 @@ pub fn strip_hop_by_hop(list: HeaderList) -> HeaderList {
     let named: Vec<String> = list
         .iter()
         .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
-        .flat_map(|(_, v)| String::from_utf8_lossy(v).split(',').map(|t| t.trim().to_ascii_lowercase()).collect::<Vec<_>>())
+        .flat_map(|(_, v)| {
+            String::from_utf8_lossy(v)
+                .split(',')
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
         .collect();
     list.into_iter()
         .filter(|(n, _)| !is_hop_by_hop(n) && !named.iter().any(|t| t.eq_ignore_ascii_case(n)))
@@ -70,7 +80,9 @@ pub fn validate(name: &str, value: &[u8]) -> Result<(), String> {
         return Err(format!("header name {name:?} is not a valid HTTP token"));
     }
     if let Some(bad) = value.iter().find(|b| matches!(b, b'\r' | b'\n' | b'\0')) {
-        return Err(format!("header {name} has a forbidden byte 0x{bad:02x} in its value"));
+        return Err(format!(
+            "header {name} has a forbidden byte 0x{bad:02x} in its value"
+        ));
     }
     Ok(())
 }
@@ -130,9 +142,18 @@ pub fn write_head(
 ) {
     let reason = reason
         .filter(|r| !r.is_empty() && r.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b)))
-        .or_else(|| StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()))
+        .or_else(|| {
+            StatusCode::from_u16(status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+        })
         .unwrap_or("Unknown");
-    buf.reserve(256 + headers.iter().map(|(n, v)| n.len() + v.len() + 4).sum::<usize>());
+    buf.reserve(
+        256 + headers
+            .iter()
+            .map(|(n, v)| n.len() + v.len() + 4)
+            .sum::<usize>(),
+    );
     buf.put_slice(b"HTTP/1.1 ");
     buf.put_slice(status.to_string().as_bytes());
     buf.put_u8(b' ');
@@ -174,7 +195,11 @@ pub fn content_length(headers: &HeaderList) -> Option<u64> {
     let mut values = headers
         .iter()
         .filter(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-        .map(|(_, v)| std::str::from_utf8(v).ok().and_then(|s| s.trim().parse::<u64>().ok()));
+        .map(|(_, v)| {
+            std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+        });
     match (values.next(), values.next()) {
         (Some(Some(n)), None) => Some(n),
         _ => None,
@@ -199,10 +224,19 @@ mod tests {
     use http::HeaderValue;
 
     fn list(pairs: &[(&str, &str)]) -> HeaderList {
-        pairs.iter().map(|(n, v)| (n.to_string(), Bytes::copy_from_slice(v.as_bytes()))).collect()
+        pairs
+            .iter()
+            .map(|(n, v)| (n.to_string(), Bytes::copy_from_slice(v.as_bytes())))
+            .collect()
     }
 
-    fn head(status: u16, reason: Option<&str>, headers: &HeaderList, framing: Framing, len: Option<u64>) -> String {
+    fn head(
+        status: u16,
+        reason: Option<&str>,
+        headers: &HeaderList,
+        framing: Framing,
+        len: Option<u64>,
+    ) -> String {
         let mut buf = BytesMut::new();
         write_head(&mut buf, status, reason, headers, framing, len);
         String::from_utf8(buf.to_vec()).unwrap()
@@ -212,7 +246,10 @@ mod tests {
     fn end_to_end_drops_hop_by_hop_and_connection_named_headers() {
         let mut map = HeaderMap::new();
         map.append("content-type", HeaderValue::from_static("text/plain"));
-        map.append("connection", HeaderValue::from_static("keep-alive, X-Secret"));
+        map.append(
+            "connection",
+            HeaderValue::from_static("keep-alive, X-Secret"),
+        );
         map.append("keep-alive", HeaderValue::from_static("timeout=5"));
         map.append("transfer-encoding", HeaderValue::from_static("chunked"));
         map.append("x-secret", HeaderValue::from_static("1"));
@@ -250,9 +287,18 @@ mod tests {
 
     #[test]
     fn framing_follows_method_status_and_length() {
-        let get11 = ClientRequest { head_only: false, http10: false };
-        let get10 = ClientRequest { head_only: false, http10: true };
-        let head = ClientRequest { head_only: true, http10: false };
+        let get11 = ClientRequest {
+            head_only: false,
+            http10: false,
+        };
+        let get10 = ClientRequest {
+            head_only: false,
+            http10: true,
+        };
+        let head = ClientRequest {
+            head_only: true,
+            http10: false,
+        };
         assert_eq!(framing(200, get11, Some(5)), Framing::Length(5));
         assert_eq!(framing(200, get11, None), Framing::Chunked);
         assert_eq!(framing(200, get10, None), Framing::Close);
@@ -264,7 +310,13 @@ mod tests {
 
     #[test]
     fn head_has_status_line_headers_framing_and_close() {
-        let h = list(&[("Content-Type", "text/plain"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("Content-Length", "99"), ("Connection", "keep-alive")]);
+        let h = list(&[
+            ("Content-Type", "text/plain"),
+            ("Set-Cookie", "a=1"),
+            ("Set-Cookie", "b=2"),
+            ("Content-Length", "99"),
+            ("Connection", "keep-alive"),
+        ]);
         assert_eq!(
             head(200, None, &h, Framing::Length(5), None),
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\ncontent-length: 5\r\nconnection: close\r\n\r\n"
@@ -277,22 +329,36 @@ mod tests {
 
     #[test]
     fn head_keeps_length_for_head_and_304_but_not_204() {
-        assert!(head(200, None, &list(&[]), Framing::None, Some(7)).contains("content-length: 7\r\n"));
-        assert!(head(304, None, &list(&[]), Framing::None, Some(7)).contains("content-length: 7\r\n"));
+        assert!(
+            head(200, None, &list(&[]), Framing::None, Some(7)).contains("content-length: 7\r\n")
+        );
+        assert!(
+            head(304, None, &list(&[]), Framing::None, Some(7)).contains("content-length: 7\r\n")
+        );
         assert!(!head(204, None, &list(&[]), Framing::None, Some(7)).contains("content-length"));
     }
 
     #[test]
     fn head_replaces_unsafe_or_missing_reasons() {
-        assert!(head(599, None, &list(&[]), Framing::None, None).starts_with("HTTP/1.1 599 Unknown\r\n"));
-        assert!(head(502, Some("bad\r\nX: y"), &list(&[]), Framing::None, None).starts_with("HTTP/1.1 502 Bad Gateway\r\n"));
-        assert!(head(200, Some("Fine Thanks"), &list(&[]), Framing::None, None).starts_with("HTTP/1.1 200 Fine Thanks\r\n"));
+        assert!(head(599, None, &list(&[]), Framing::None, None)
+            .starts_with("HTTP/1.1 599 Unknown\r\n"));
+        assert!(
+            head(502, Some("bad\r\nX: y"), &list(&[]), Framing::None, None)
+                .starts_with("HTTP/1.1 502 Bad Gateway\r\n")
+        );
+        assert!(
+            head(200, Some("Fine Thanks"), &list(&[]), Framing::None, None)
+                .starts_with("HTTP/1.1 200 Fine Thanks\r\n")
+        );
     }
 
     #[test]
     fn content_length_needs_exactly_one_number() {
         assert_eq!(content_length(&list(&[("Content-Length", "12")])), Some(12));
-        assert_eq!(content_length(&list(&[("content-length", "1"), ("content-length", "1")])), None);
+        assert_eq!(
+            content_length(&list(&[("content-length", "1"), ("content-length", "1")])),
+            None
+        );
         assert_eq!(content_length(&list(&[("content-length", "x")])), None);
         assert_eq!(content_length(&list(&[])), None);
     }

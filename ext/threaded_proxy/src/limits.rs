@@ -39,7 +39,9 @@ impl Limits {
         let max_total = self.max_total.load(Ordering::Relaxed);
         if self
             .total
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max_total).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max_total).then_some(n + 1)
+            })
             .is_err()
         {
             return Err("max_connections reached");
@@ -65,7 +67,11 @@ impl Limits {
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
-        let mut per_origin = self.limits.per_origin.lock().unwrap_or_else(|e| e.into_inner());
+        let mut per_origin = self
+            .limits
+            .per_origin
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(count) = per_origin.get_mut(&self.origin) {
             *count -= 1;
             if *count == 0 {
@@ -86,7 +92,10 @@ mod tests {
         let limits = Limits::new(2, 10);
         let a = limits.try_acquire("http://a").unwrap();
         let _b = limits.try_acquire("http://b").unwrap();
-        assert_eq!(limits.try_acquire("http://c").err(), Some("max_connections reached"));
+        assert_eq!(
+            limits.try_acquire("http://c").err(),
+            Some("max_connections reached")
+        );
         drop(a);
         assert!(limits.try_acquire("http://c").is_ok());
     }
@@ -95,7 +104,10 @@ mod tests {
     fn per_origin_cap_is_separate_per_origin() {
         let limits = Limits::new(10, 1);
         let _a = limits.try_acquire("http://a").unwrap();
-        assert_eq!(limits.try_acquire("http://a").err(), Some("max_connections_per_origin reached"));
+        assert_eq!(
+            limits.try_acquire("http://a").err(),
+            Some("max_connections_per_origin reached")
+        );
         let _b = limits.try_acquire("http://b").unwrap();
         assert_eq!(limits.in_use(), 2);
     }

@@ -70,7 +70,8 @@ impl<W: AsyncWrite + Unpin> ClientWriter<W> {
             Framing::None => return Ok(()),
             Framing::Chunked => {
                 let prefix = Bytes::from(format!("{:x}\r\n", data.len()));
-                self.write_buf(prefix.chain(data).chain(&b"\r\n"[..])).await?;
+                self.write_buf(prefix.chain(data).chain(&b"\r\n"[..]))
+                    .await?;
             }
             Framing::Length(total) => {
                 if self.body_written + len > total {
@@ -129,7 +130,10 @@ mod tests {
     async fn written(framing: Framing, chunks: &[&[u8]]) -> (Vec<u8>, Result<(), ProxyError>) {
         let (client, mut server) = tokio::io::duplex(1 << 16);
         let mut writer = ClientWriter::new(client, Duration::from_secs(5));
-        writer.send_head(BytesMut::from(&b"HEAD\r\n\r\n"[..]), framing).await.unwrap();
+        writer
+            .send_head(BytesMut::from(&b"HEAD\r\n\r\n"[..]), framing)
+            .await
+            .unwrap();
         let mut result = Ok(());
         for c in chunks {
             result = writer.send_body(Bytes::copy_from_slice(c)).await;
@@ -175,7 +179,10 @@ mod tests {
     async fn a_client_that_reads_nothing_times_out() {
         let (client, _server) = tokio::io::duplex(16);
         let mut writer = ClientWriter::new(client, Duration::from_secs(3));
-        let err = writer.send_head(BytesMut::from(&[b'x'; 64][..]), Framing::Close).await.unwrap_err();
+        let err = writer
+            .send_head(BytesMut::from(&[b'x'; 64][..]), Framing::Close)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("read nothing"), "{err}");
     }
 }

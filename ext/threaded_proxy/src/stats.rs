@@ -30,8 +30,14 @@ impl Stats {
             ("active".to_owned(), self.active.load(Relaxed)),
             ("completed".to_owned(), self.completed.load(Relaxed)),
             ("rejected".to_owned(), self.rejected.load(Relaxed)),
-            ("bytes_from_origin".to_owned(), self.bytes_from_origin.load(Relaxed)),
-            ("bytes_to_client".to_owned(), self.bytes_to_client.load(Relaxed)),
+            (
+                "bytes_from_origin".to_owned(),
+                self.bytes_from_origin.load(Relaxed),
+            ),
+            (
+                "bytes_to_client".to_owned(),
+                self.bytes_to_client.load(Relaxed),
+            ),
             ("callbacks_run".to_owned(), self.callbacks_run.load(Relaxed)),
         ];
         let mut total = 0;

@@ -64,7 +64,12 @@ impl Upstream {
         }
     }
 
-    pub fn client(&self, tls: &TlsSettings, connect_timeout: Duration, url: &str) -> Result<HttpClient, ProxyError> {
+    pub fn client(
+        &self,
+        tls: &TlsSettings,
+        connect_timeout: Duration,
+        url: &str,
+    ) -> Result<HttpClient, ProxyError> {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         let key = (tls.clone(), connect_timeout);
         if let Some(client) = clients.get(&key) {
@@ -75,7 +80,12 @@ impl Upstream {
         Ok(client)
     }
 
-    fn build(&self, tls: &TlsSettings, connect_timeout: Duration, url: &str) -> Result<HttpClient, ProxyError> {
+    fn build(
+        &self,
+        tls: &TlsSettings,
+        connect_timeout: Duration,
+        url: &str,
+    ) -> Result<HttpClient, ProxyError> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -122,8 +132,11 @@ fn tls_config(tls: &TlsSettings, url: &str) -> Result<rustls::ClientConfig, Prox
         let certs = CertificateDer::pem_file_iter(path)
             .map_err(|e| tls_error(format!("cannot read ca_file {}: {e}", path.display())))?;
         for cert in certs {
-            let cert = cert.map_err(|e| tls_error(format!("bad certificate in {}: {e}", path.display())))?;
-            roots.add(cert).map_err(|e| tls_error(format!("bad certificate in {}: {e}", path.display())))?;
+            let cert =
+                cert.map_err(|e| tls_error(format!("bad certificate in {}: {e}", path.display())))?;
+            roots
+                .add(cert)
+                .map_err(|e| tls_error(format!("bad certificate in {}: {e}", path.display())))?;
         }
     }
     Ok(builder.with_root_certificates(roots).with_no_client_auth())
@@ -152,7 +165,12 @@ impl ServerCertVerifier for AcceptAnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -161,7 +179,12 @@ impl ServerCertVerifier for AcceptAnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -175,7 +198,10 @@ pub enum BodySource {
     Bytes(Bytes),
     /// A file (Puma's Tempfile for a large upload, or a user's File) read
     /// from `offset` to its end, never whole into memory.
-    File { file: std::fs::File, offset: u64 },
+    File {
+        file: std::fs::File,
+        offset: u64,
+    },
 }
 
 const FILE_CHUNK: usize = 64 * 1024;
@@ -196,7 +222,10 @@ impl BodySource {
                     while left > 0 {
                         let mut buf = vec![0u8; FILE_CHUNK.min(left as usize)];
                         let item = match file.read(&mut buf) {
-                            Ok(0) => Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "request body file shrank")),
+                            Ok(0) => Err(std::io::Error::new(
+                                std::io::ErrorKind::UnexpectedEof,
+                                "request body file shrank",
+                            )),
                             Ok(n) => {
                                 buf.truncate(n);
                                 left -= n as u64;
@@ -227,7 +256,10 @@ impl Body for ChannelBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if self.left == 0 {
             return Poll::Ready(None);
         }
@@ -277,15 +309,26 @@ pub fn classify(err: &hyper_util::client::legacy::Error, url: &str) -> ProxyErro
     }
     let message = error_chain(err);
     if timed_out {
-        return ProxyError::Timeout { url, phase: "connecting" };
+        return ProxyError::Timeout {
+            url,
+            phase: "connecting",
+        };
     }
     if let Some(message) = tls {
         return ProxyError::Tls { url, message };
     }
     if err.is_connect() || dns {
-        return ProxyError::Connect { url, message, errno };
+        return ProxyError::Connect {
+            url,
+            message,
+            errno,
+        };
     }
-    ProxyError::Upstream { url, message, errno }
+    ProxyError::Upstream {
+        url,
+        message,
+        errno,
+    }
 }
 
 /// "a: b: c" from an error and its sources, without repeats.

@@ -29,6 +29,14 @@ class ProxyController < ApplicationController
     end
   end
 
+  # Tags the response with the pid of the process that ran on_headers (the
+  # Puma worker), so cluster-mode specs can see which worker proxied.
+  def with_pid
+    proxy_fetch origin_url do |config|
+      config.on_headers { |response| response["x-worker-pid"] = Process.pid.to_s }
+    end
+  end
+
   def inline
     render plain: "inline ok"
   end

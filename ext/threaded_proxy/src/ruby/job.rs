@@ -13,8 +13,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::errors;
 use super::nogvl::{guard, nogvl};
 use crate::callbacks::{
-    BlockingQueue, BodyRequest, CallbackEvent, CallbackJob, CallbackReply, Rendered, RenderedBody, ResponseHead,
-    Summary,
+    BlockingQueue, BodyRequest, CallbackEvent, CallbackJob, CallbackReply, Rendered, RenderedBody,
+    ResponseHead, Summary,
 };
 use crate::errors::{ErrorReport, ProxyError};
 use crate::handoff;
@@ -37,7 +37,9 @@ impl Job {
     pub fn from_callback(job: CallbackJob) -> Job {
         let kind = job.event.name();
         let (head, error, summary) = match job.event {
-            CallbackEvent::Headers(head) | CallbackEvent::Response(head) => (Some(head), None, None),
+            CallbackEvent::Headers(head) | CallbackEvent::Response(head) => {
+                (Some(head), None, None)
+            }
             CallbackEvent::Error(report) => (None, Some(report), None),
             CallbackEvent::Finished(mut summary) => (summary.head.take(), None, Some(summary)),
         };
@@ -77,7 +79,10 @@ impl Job {
 
     /// The error as a `ThreadedProxy::Error` instance (error jobs only).
     fn error(ruby: &Ruby, rb_self: &Self) -> Result<Value, Error> {
-        let report = rb_self.error.as_ref().or_else(|| rb_self.summary.as_ref().and_then(|s| s.error.as_ref()));
+        let report = rb_self
+            .error
+            .as_ref()
+            .or_else(|| rb_self.summary.as_ref().and_then(|s| s.error.as_ref()));
         match report {
             Some(report) => Ok(errors::exception(ruby, report)?.as_value()),
             None => Ok(ruby.qnil().as_value()),
@@ -97,13 +102,19 @@ impl Job {
         hash.aset(ruby.to_symbol("method"), summary.method.as_str())?;
         hash.aset(ruby.to_symbol("url"), summary.url.as_str())?;
         hash.aset(ruby.to_symbol("status"), summary.status)?;
-        hash.aset(ruby.to_symbol("bytes_from_origin"), summary.bytes_from_origin)?;
+        hash.aset(
+            ruby.to_symbol("bytes_from_origin"),
+            summary.bytes_from_origin,
+        )?;
         hash.aset(ruby.to_symbol("bytes_to_client"), summary.bytes_to_client)?;
         hash.aset(
             ruby.to_symbol("time_to_first_byte"),
             summary.time_to_first_byte.map(|d| d.as_secs_f64()),
         )?;
-        hash.aset(ruby.to_symbol("total_time"), summary.total_time.as_secs_f64())?;
+        hash.aset(
+            ruby.to_symbol("total_time"),
+            summary.total_time.as_secs_f64(),
+        )?;
         let error = match &summary.error {
             Some(report) => errors::exception(ruby, report)?.as_value(),
             None => ruby.qnil().as_value(),
@@ -121,13 +132,29 @@ impl Job {
     }
 
     /// Lets the exchange go on with this status line and headers.
-    fn continue_with(ruby: &Ruby, rb_self: &Self, status: u16, reason: Option<String>, headers: RArray) -> Result<bool, Error> {
+    fn continue_with(
+        ruby: &Ruby,
+        rb_self: &Self,
+        status: u16,
+        reason: Option<String>,
+        headers: RArray,
+    ) -> Result<bool, Error> {
         let headers = parse_headers(ruby, headers)?;
-        Ok(rb_self.answer(CallbackReply::Continue(ResponseHead { status, reason, headers })))
+        Ok(rb_self.answer(CallbackReply::Continue(ResponseHead {
+            status,
+            reason,
+            headers,
+        })))
     }
 
     /// Answers with a String body.
-    fn render(ruby: &Ruby, rb_self: &Self, status: u16, headers: RArray, body: Bytes) -> Result<bool, Error> {
+    fn render(
+        ruby: &Ruby,
+        rb_self: &Self,
+        status: u16,
+        headers: RArray,
+        body: Bytes,
+    ) -> Result<bool, Error> {
         let headers = parse_headers(ruby, headers)?;
         Ok(rb_self.answer(CallbackReply::Render(Rendered {
             status,
@@ -138,10 +165,20 @@ impl Job {
 
     /// Answers with a file body, read from the descriptor's current offset.
     /// The descriptor is duplicated here, under the GVL; Ruby keeps its own.
-    fn render_file(ruby: &Ruby, rb_self: &Self, status: u16, headers: RArray, fd: i32) -> Result<bool, Error> {
+    fn render_file(
+        ruby: &Ruby,
+        rb_self: &Self,
+        status: u16,
+        headers: RArray,
+        fd: i32,
+    ) -> Result<bool, Error> {
         let headers = parse_headers(ruby, headers)?;
-        let owned = handoff::duplicate(fd)
-            .map_err(|e| Error::new(ruby.exception_io_error(), format!("cannot duplicate body fd: {e}")))?;
+        let owned = handoff::duplicate(fd).map_err(|e| {
+            Error::new(
+                ruby.exception_io_error(),
+                format!("cannot duplicate body fd: {e}"),
+            )
+        })?;
         Ok(rb_self.answer(CallbackReply::Render(Rendered {
             status,
             headers,
@@ -155,7 +192,10 @@ impl Job {
     }
 
     fn answered(&self) -> bool {
-        self.reply.lock().unwrap_or_else(|e| e.into_inner()).is_none()
+        self.reply
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
     }
 
     /// The whole origin body (response jobs only), waited for with the GVL
@@ -163,7 +203,10 @@ impl Job {
     fn read_body(ruby: &Ruby, rb_self: &Self) -> Result<Bytes, Error> {
         guard(|| {
             let Some(access) = &rb_self.body_access else {
-                return Err(Error::new(ruby.exception_runtime_error(), "this job has no response body"));
+                return Err(Error::new(
+                    ruby.exception_runtime_error(),
+                    "this job has no response body",
+                ));
             };
             let slot: BodyRequest = Arc::new(BlockingQueue::default());
             if access.send(slot.clone()).is_err() {
@@ -189,7 +232,8 @@ impl Job {
                 None => Err(errors::raise(
                     ruby,
                     &ProxyError::Internal {
-                        message: "interrupted or timed out while reading the response body".to_owned(),
+                        message: "interrupted or timed out while reading the response body"
+                            .to_owned(),
                     },
                 )),
             }
@@ -215,7 +259,10 @@ pub fn parse_headers(ruby: &Ruby, headers: RArray) -> Result<HeaderList, Error> 
     for pair in headers.into_iter() {
         let pair = RArray::try_convert(pair)?;
         if pair.len() != 2 {
-            return Err(errors::argument_error(ruby, "headers must be [name, value] pairs"));
+            return Err(errors::argument_error(
+                ruby,
+                "headers must be [name, value] pairs",
+            ));
         }
         let name: String = pair.entry(0)?;
         let value: Bytes = pair.entry(1)?;

@@ -27,8 +27,9 @@ fn opt<T: TryConvert>(ruby: &Ruby, hash: RHash, name: &str) -> Result<Option<T>,
 
 fn seconds(ruby: &Ruby, hash: RHash, name: &str) -> Result<Duration, Error> {
     let value: f64 = key(ruby, hash, name)?;
-    Duration::try_from_secs_f64(value)
-        .map_err(|_| errors::argument_error(ruby, format!("{name} must be a positive number of seconds")))
+    Duration::try_from_secs_f64(value).map_err(|_| {
+        errors::argument_error(ruby, format!("{name} must be a positive number of seconds"))
+    })
 }
 
 /// Takes over the client socket `fd` (duplicated here, under the GVL; the
@@ -49,8 +50,12 @@ fn start_exchange(ruby: &Ruby, fd: i32, spec: RHash) -> Result<(), Error> {
         };
         let body = match opt::<i32>(ruby, spec, "body_fd")? {
             Some(body_fd) => {
-                let owned = handoff::duplicate(body_fd)
-                    .map_err(|e| Error::new(ruby.exception_io_error(), format!("cannot duplicate body fd: {e}")))?;
+                let owned = handoff::duplicate(body_fd).map_err(|e| {
+                    Error::new(
+                        ruby.exception_io_error(),
+                        format!("cannot duplicate body fd: {e}"),
+                    )
+                })?;
                 BodySource::File {
                     file: std::fs::File::from(owned),
                     offset: opt::<u64>(ruby, spec, "body_offset")?.unwrap_or(0),
@@ -85,8 +90,12 @@ fn start_exchange(ruby: &Ruby, fd: i32, spec: RHash) -> Result<(), Error> {
             },
             max_buffered_body: key(ruby, spec, "max_buffered_body")?,
         };
-        let client = handoff::duplicate(fd)
-            .map_err(|e| Error::new(ruby.exception_io_error(), format!("cannot duplicate client fd {fd}: {e}")))?;
+        let client = handoff::duplicate(fd).map_err(|e| {
+            Error::new(
+                ruby.exception_io_error(),
+                format!("cannot duplicate client fd {fd}: {e}"),
+            )
+        })?;
         let proxy = runtime::current().map_err(|e| errors::raise(ruby, &e))?;
         exchange::start(proxy, spec, client);
         Ok(())
@@ -116,18 +125,21 @@ fn configure(ruby: &Ruby, options: RHash) -> Result<(), Error> {
         let defaults = Settings::default();
         let duration = |name: &str, default: Duration| -> Result<Duration, Error> {
             match opt::<f64>(ruby, options, name)? {
-                Some(secs) => Duration::try_from_secs_f64(secs)
-                    .map_err(|_| errors::argument_error(ruby, format!("{name} must be a positive number"))),
+                Some(secs) => Duration::try_from_secs_f64(secs).map_err(|_| {
+                    errors::argument_error(ruby, format!("{name} must be a positive number"))
+                }),
                 None => Ok(default),
             }
         };
         let settings = Settings {
-            runtime_threads: opt(ruby, options, "runtime_threads")?.unwrap_or(defaults.runtime_threads),
+            runtime_threads: opt(ruby, options, "runtime_threads")?
+                .unwrap_or(defaults.runtime_threads),
             callback_timeout: duration("callback_timeout", defaults.callback_timeout)?,
             pool_idle_timeout: duration("pool_idle_timeout", defaults.pool_idle_timeout)?,
             pool_max_idle_per_host: opt(ruby, options, "pool_max_idle_per_host")?
                 .unwrap_or(defaults.pool_max_idle_per_host),
-            max_connections: opt(ruby, options, "max_connections")?.unwrap_or(defaults.max_connections),
+            max_connections: opt(ruby, options, "max_connections")?
+                .unwrap_or(defaults.max_connections),
             max_connections_per_origin: opt(ruby, options, "max_connections_per_origin")?
                 .unwrap_or(defaults.max_connections_per_origin),
         };
@@ -146,8 +158,14 @@ fn stats(ruby: &Ruby) -> Result<RHash, Error> {
         hash.aset(ruby.to_symbol(name), value)?;
     }
     if let Some(proxy) = runtime::existing() {
-        hash.aset(ruby.to_symbol("callbacks_queued"), proxy.callbacks.queue.len())?;
-        hash.aset(ruby.to_symbol("tasks_alive"), proxy.runtime.metrics().num_alive_tasks())?;
+        hash.aset(
+            ruby.to_symbol("callbacks_queued"),
+            proxy.callbacks.queue.len(),
+        )?;
+        hash.aset(
+            ruby.to_symbol("tasks_alive"),
+            proxy.runtime.metrics().num_alive_tasks(),
+        )?;
     }
     Ok(hash)
 }
@@ -196,6 +214,16 @@ fn active() -> usize {
     runtime::existing().map_or(0, |p| p.tracker.active())
 }
 
+/// Builds this process's runtime now rather than on first use; returns the
+/// pid that owns it.
+fn start_runtime(ruby: &Ruby) -> Result<u32, Error> {
+    guard(|| {
+        runtime::current()
+            .map(|p| p.pid)
+            .map_err(|e| errors::raise(ruby, &e))
+    })
+}
+
 /// The pid that built this process's runtime (nil when none yet).
 fn runtime_pid() -> Option<u32> {
     runtime::existing().map(|p| p.pid)
@@ -213,6 +241,7 @@ pub fn define(ruby: &Ruby, native: &magnus::RModule) -> Result<(), Error> {
     native.define_module_function("close_callbacks", function!(close_callbacks, 0))?;
     native.define_module_function("active", function!(active, 0))?;
     native.define_module_function("runtime_pid", function!(runtime_pid, 0))?;
+    native.define_module_function("start_runtime", function!(start_runtime, 0))?;
     let _ = ruby;
     Ok(())
 }

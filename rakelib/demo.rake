@@ -1,0 +1,32 @@
+# frozen_string_literal: true
+
+desc "Run rails_test_app under Puma in front of a built-in origin (demo[--once] prints and exits)"
+task :demo, [:mode] do |_t, args|
+  $LOAD_PATH.unshift(File.expand_path("../spec/support", __dir__))
+  require "origin_server"
+  require "puma_server"
+
+  origin = OriginServer.new.start
+  puma = PumaServer.new(env: { "ORIGIN_URL" => origin.url }, threads: "2:2").start
+  begin
+    puts "origin: #{origin.url}   rails_test_app (Puma): #{puma.url}", ""
+    show = lambda do |path|
+      url = "#{puma.url}#{path}"
+      puts "$ curl -si '#{url}'"
+      puts IO.popen(["curl", "-si", "--max-time", "10", url], &:read).byteslice(0, 600).scrub, ""
+    end
+    show.call("/headers_proxy/headers?h=Set-Cookie:a=1&h=Set-Cookie:b=2&h=X-Remove-Me:gone")
+    show.call("/proxy/echo?hello=world")
+    show.call("/proxy/status?code=404&reason=Not+Here")
+    unless args[:mode] == "--once"
+      puts "Try: curl -i #{puma.url}/proxy/bytes?n=100   curl -N #{puma.url}/proxy/drip?n=5&interval=1"
+      puts "Ctrl-C stops the demo."
+      sleep
+    end
+  rescue Interrupt
+    puts
+  ensure
+    puma.stop
+    origin.stop
+  end
+end

@@ -1,0 +1,32 @@
+# frozen_string_literal: true
+
+require "threaded_proxy"
+
+RSpec.describe ThreadedProxy::Configuration do
+  subject(:configuration) { described_class.new }
+
+  it "sizes max_connections to the file-descriptor limit (two per exchange)" do
+    soft, = Process.getrlimit(:NOFILE)
+    expect(configuration.max_connections).to eq([(soft - described_class::RESERVED_FDS) / 2, 16].max)
+    expect(configuration.max_connections * 2).to be < soft
+  end
+
+  it "refuses nonsense before it reaches Rust" do
+    configuration.max_connections = 0
+    expect { configuration.apply! }.to raise_error(ArgumentError, /max_connections/)
+    configuration.max_connections = 10
+    configuration.idle_timeout = -1
+    expect { configuration.apply! }.to raise_error(ArgumentError, /idle_timeout/)
+    configuration.idle_timeout = 5
+    configuration.allowed_hosts = "example.com"
+    expect { configuration.apply! }.to raise_error(ArgumentError, /allowed_hosts/)
+  end
+
+  it "is what ThreadedProxy.configure yields" do
+    original = ThreadedProxy.configuration.connect_timeout
+    ThreadedProxy.configure { |c| c.connect_timeout = 1.5 }
+    expect(ThreadedProxy.configuration.connect_timeout).to eq(1.5)
+  ensure
+    ThreadedProxy.configure { |c| c.connect_timeout = original }
+  end
+end
