@@ -56,13 +56,28 @@ module ThreadedProxy
       return true unless Native.runtime_pid == Process.pid
 
       Native.stop_accepting
-      drained = Native.wait_idle(timeout.to_f)
+      drained = wait_idle(timeout.to_f)
       unless drained
         Native.cut
-        Native.wait_idle(1.0)
+        wait_idle(1.0)
       end
       Dispatcher.instance.stop
       drained
+    end
+
+    private
+
+    # Native.wait_idle returns early when Ruby has an interrupt pending (as
+    # it often does at exit, after a signal): wait again until the deadline.
+    def wait_idle(seconds)
+      deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + seconds
+      loop do
+        left = deadline - Process.clock_gettime(Process::CLOCK_MONOTONIC)
+        return true if Native.wait_idle([left, 0].max)
+        return false if left <= 0
+
+        sleep 0.01 # interrupted: let Ruby handle it, then wait again
+      end
     end
   end
 end

@@ -11,16 +11,19 @@ module ThreadedProxy
   #
   # The block returns an origin URL (proxy it), nil (pass to the app) or a
   # Rack response (answer directly). Proxied requests keep their method,
-  # body and headers, like reverse_proxy.
+  # body and headers, like reverse_proxy. proxy_fetch options go in a second
+  # Hash: `use ThreadedProxy::Middleware, { "/api" => url }, header_timeout: 5`.
   class Middleware
-    def initialize(app, routes = nil, **options, &router)
+    # No **options: a brace-less routes Hash with String keys would be taken
+    # for keywords.
+    def initialize(app, routes = nil, options = {}, &router)
       raise ArgumentError, "give a routes Hash or a block, not both" if routes && router
       raise ArgumentError, "give a routes Hash or a block" unless routes || router
 
       @app = app
       @routes = routes&.map { |prefix, origin| [prefix.to_s, origin.to_s.chomp("/")] }&.sort_by { |p, _| -p.size }
       @router = router
-      @options = options
+      @options = options.transform_keys(&:to_sym)
     end
 
     def call(env)

@@ -20,5 +20,14 @@ module RailsTestApp
 
     config.logger = ActiveSupport::TaggedLogging.new(ActiveSupport::Logger.new($stdout))
     config.log_level = ENV.fetch("RAILS_LOG_LEVEL", "info").to_sym
+
+    # THREADED_PROXY_<SETTING>=value sets config.threaded_proxy.<setting>
+    # (the Railtie hands them to ThreadedProxy.configure), e.g.
+    # THREADED_PROXY_MAX_CONNECTIONS=3 for the limit specs.
+    ENV.each do |name, value|
+      next unless (setting = name[/\ATHREADED_PROXY_(?!START\z)(\w+)\z/, 1])
+
+      config.threaded_proxy[setting.downcase] = value.match?(/\A\d+\z/) ? Integer(value) : Float(value)
+    end
   end
 end

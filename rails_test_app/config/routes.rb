@@ -13,4 +13,17 @@ Rails.application.routes.draw do
   match "/reverse/*path", to: "proxy#reverse", via: :all, format: false
   get "/inline", to: "proxy#inline"
   match "/pid_proxy/*path", to: "proxy#with_pid", via: :all, format: false
+  match "/proxy2/*path", to: "proxy#second_origin", via: :all, format: false
+  get "/stats", to: "proxy#stats"
+
+  # contract specs (spec/integration/contract_spec.rb)
+  scope "/contract", controller: :contract, format: false do
+    %i[fetch string_body file_body rack_body unknown_option header_option_crlf allowed_hosts
+       on_response_render on_response_pass on_response_unrendered on_response_redirect
+       on_response_too_large on_complete on_error on_headers_crlf].each do |name|
+      match name.to_s, action: name, via: :all
+    end
+    match "reverse/*path", action: :reverse, via: :all
+  end
+  # end contract specs
 end

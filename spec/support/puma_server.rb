@@ -42,8 +42,11 @@ class PumaServer
 
   # env: extra variables for Puma (a nil value unsets one), e.g. ORIGIN_URL.
   # threads: "min:max"; workers > 0 selects cluster mode; preload: preload_app!.
+  # rackup: another config.ru to serve (a plain Rack app) instead of the
+  # Rails app.
   def initialize(env: {}, threads: "1:1", workers: 0, preload: false, rails_env: "test",
-                 boot_timeout: BOOT_TIMEOUT)
+                 boot_timeout: BOOT_TIMEOUT, rackup: File.join(APP_DIR, "config.ru"))
+    @rackup = rackup
     @env = env.transform_keys(&:to_s).transform_values { |v| v&.to_s }
     @threads = threads.to_s
     @workers = Integer(workers)
@@ -109,7 +112,7 @@ class PumaServer
   private
 
   def command
-    ["bundle", "exec", "puma", "-C", File.join(APP_DIR, "config", "puma.rb"), File.join(APP_DIR, "config.ru")]
+    ["bundle", "exec", "puma", "-C", File.join(APP_DIR, "config", "puma.rb"), @rackup]
   end
 
   def child_env

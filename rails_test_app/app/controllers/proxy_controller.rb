@@ -37,6 +37,20 @@ class ProxyController < ApplicationController
     end
   end
 
+  # Like fetch, to ORIGIN2_URL: per-origin limits need two origins.
+  def second_origin
+    proxy_fetch origin_url(ENV.fetch("ORIGIN2_URL"))
+  end
+
+  # What operators see, plus this process's open descriptors (leak specs).
+  def stats
+    render json: ThreadedProxy.stats.merge(
+      pid: Process.pid,
+      open_fds: Dir.children("/proc/self/fd").size,
+      rss_kb: File.read("/proc/self/status")[/VmRSS:\s+(\d+)/, 1].to_i
+    )
+  end
+
   def inline
     render plain: "inline ok"
   end
@@ -76,8 +90,8 @@ class ProxyController < ApplicationController
 
   # The origin URL for this request: ORIGIN + the path after the route's first
   # segment (taken from the raw path so percent-encoding survives) + the query.
-  def origin_url
-    url = "#{ORIGIN}/#{request.path.split('/', 3)[2]}"
+  def origin_url(base = ORIGIN)
+    url = "#{base}/#{request.path.split('/', 3)[2]}"
     request.query_string.empty? ? url : "#{url}?#{request.query_string}"
   end
 

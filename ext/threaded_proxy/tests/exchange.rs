@@ -1,0 +1,271 @@
+//! Black-box tests of whole exchanges without Ruby: a scripted origin on
+//! 127.0.0.1 port 0, a Unix socket pair standing in for the hijacked client,
+//! and a plain thread standing in for the Ruby callback dispatcher.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use bytes::Bytes;
+use threaded_proxy::callbacks::{CallbackEvent, CallbackReply, Summary};
+use threaded_proxy::exchange::{self, CallbackSet, ExchangeSpec, Timeouts};
+use threaded_proxy::headers::ClientRequest;
+use threaded_proxy::runtime;
+use threaded_proxy::upstream::{BodySource, TlsSettings};
+
+/// An origin that answers each connection with `response` (after reading
+/// the request head) and reports when the peer closed.
+struct Origin {
+    url: String,
+    closed: mpsc::Receiver<()>,
+}
+
+fn origin(response: &'static [u8], hold_open: bool) -> Origin {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (closed_tx, closed) = mpsc::channel();
+    thread::spawn(move || {
+        for conn in listener.incoming().take(4) {
+            let Ok(mut conn) = conn else { return };
+            let closed_tx = closed_tx.clone();
+            thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                while reader.read_line(&mut line).unwrap_or(0) > 2 {
+                    line.clear();
+                }
+                let _ = conn.write_all(response);
+                if hold_open {
+                    // Wait for the proxy to go away, then report it.
+                    let mut buf = [0u8; 64];
+                    while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
+                    let _ = closed_tx.send(());
+                }
+            });
+        }
+    });
+    Origin { url, closed }
+}
+
+fn spec(url: &str, callbacks: CallbackSet, header_timeout: Duration) -> ExchangeSpec {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    ExchangeSpec {
+        id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        method: http::Method::GET,
+        url: url.to_owned(),
+        headers: vec![("x-test".into(), Bytes::from_static(b"1"))],
+        body: BodySource::Empty,
+        client: ClientRequest {
+            head_only: false,
+            http10: false,
+        },
+        callbacks,
+        timeouts: Timeouts {
+            connect: Duration::from_secs(2),
+            header: header_timeout,
+            idle: Duration::from_secs(2),
+        },
+        tls: TlsSettings::default(),
+        max_buffered_body: 1 << 20,
+    }
+}
+
+/// Starts an exchange whose client is one end of a socket pair; returns
+/// the other end.
+fn start(spec: ExchangeSpec) -> UnixStream {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    ours.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let proxy = runtime::current().unwrap();
+    exchange::start(proxy, spec, OwnedFd::from(theirs));
+    ours
+}
+
+fn read_all(mut client: UnixStream) -> String {
+    let mut out = Vec::new();
+    let _ = client.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn relays_a_content_length_response_with_connection_close() {
+    let origin = origin(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nKeep-Alive: timeout=5\r\nX-Origin: yes\r\n\r\nhello", false);
+    let out = read_all(start(spec(
+        &origin.url,
+        CallbackSet::default(),
+        Duration::from_secs(5),
+    )));
+    assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+    assert!(out.contains("x-origin: yes\r\n"), "{out}");
+    assert!(out.contains("content-length: 5\r\n"), "{out}");
+    assert!(out.contains("connection: close\r\n"), "{out}");
+    assert!(!out.to_ascii_lowercase().contains("keep-alive"), "{out}");
+    assert!(out.ends_with("\r\n\r\nhello"), "{out}");
+}
+
+#[test]
+fn rechunks_a_chunked_origin_body() {
+    let origin = origin(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        false,
+    );
+    let out = read_all(start(spec(
+        &origin.url,
+        CallbackSet::default(),
+        Duration::from_secs(5),
+    )));
+    assert!(out.contains("transfer-encoding: chunked\r\n"), "{out}");
+    assert!(out.ends_with("0\r\n\r\n"), "{out}");
+    let body: String = out
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap()
+        .split("\r\n")
+        .filter(|s| s.chars().all(|c| c.is_ascii_lowercase()))
+        .collect();
+    assert_eq!(body, "abcde");
+}
+
+#[test]
+fn a_body_cut_by_the_origin_never_ends_cleanly() {
+    let origin = origin(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+        false,
+    );
+    let out = read_all(start(spec(
+        &origin.url,
+        CallbackSet::default(),
+        Duration::from_secs(5),
+    )));
+    assert!(out.contains("3\r\nabc\r\n"), "{out}");
+    assert!(
+        !out.ends_with("0\r\n\r\n"),
+        "a truncated body got a last chunk: {out}"
+    );
+}
+
+#[test]
+fn refused_connections_answer_502_and_silence_answers_504() {
+    let refused = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let out = read_all(start(spec(
+        &refused,
+        CallbackSet::default(),
+        Duration::from_secs(5),
+    )));
+    assert!(out.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{out}");
+    assert!(out.contains("x-threaded-proxy-error: connect"), "{out}");
+
+    // Accepts and reads, never answers.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    let out = read_all(start(spec(
+        &url,
+        CallbackSet::default(),
+        Duration::from_millis(200),
+    )));
+    assert!(out.starts_with("HTTP/1.1 504 Gateway Timeout\r\n"), "{out}");
+    drop(silent);
+}
+
+#[test]
+fn conflicting_framing_is_refused_with_502() {
+    let origin = origin(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", false);
+    let out = read_all(start(spec(
+        &origin.url,
+        CallbackSet::default(),
+        Duration::from_secs(5),
+    )));
+    assert!(out.starts_with("HTTP/1.1 502 "), "{out}");
+}
+
+#[test]
+fn a_client_that_leaves_cancels_the_origin_request() {
+    // Headers, then a body that never comes: the exchange waits mid-body.
+    let origin = origin(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nab", true);
+    let mut client = start(spec(
+        &origin.url,
+        CallbackSet::default(),
+        Duration::from_secs(5),
+    ));
+    let mut head = [0u8; 16];
+    client.read_exact(&mut head).unwrap();
+    drop(client);
+    origin
+        .closed
+        .recv_timeout(Duration::from_secs(3))
+        .expect("the origin connection was not closed after the client left");
+}
+
+#[test]
+fn callbacks_change_headers_and_the_finished_event_reports_the_exchange() {
+    let origin = origin(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Drop: 1\r\n\r\nok",
+        false,
+    );
+    let callbacks = CallbackSet {
+        on_headers: true,
+        finished: true,
+        ..CallbackSet::default()
+    };
+    let spec = spec(&origin.url, callbacks, Duration::from_secs(5));
+    let id = spec.id;
+    let (summaries_tx, summaries) = mpsc::channel::<Summary>();
+    // Plays the Ruby dispatcher for this exchange's jobs.
+    thread::spawn(move || {
+        let queue = &runtime::current().unwrap().callbacks.queue;
+        let mut finished = false;
+        while !finished {
+            let Some(mut job) = queue.pop_wait(&AtomicBool::new(false), None) else {
+                return;
+            };
+            if job.exchange_id != id {
+                continue;
+            }
+            match std::mem::replace(&mut job.event, CallbackEvent::Finished(empty_summary())) {
+                CallbackEvent::Headers(mut head) => {
+                    head.headers.retain(|(n, _)| n != "x-drop");
+                    head.headers
+                        .push(("x-added".into(), Bytes::from_static(b"yes")));
+                    head.status = 201;
+                    job.reply(CallbackReply::Continue(head));
+                }
+                CallbackEvent::Finished(summary) => {
+                    finished = true;
+                    summaries_tx.send(summary).unwrap();
+                }
+                _ => {}
+            }
+        }
+    });
+    let out = read_all(start(spec));
+    assert!(out.starts_with("HTTP/1.1 201 Created\r\n"), "{out}");
+    assert!(out.contains("x-added: yes\r\n"), "{out}");
+    assert!(!out.contains("x-drop"), "{out}");
+    let summary = summaries.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(summary.status, Some(201));
+    assert!(summary.error.is_none(), "{:?}", summary.error);
+    assert_eq!(summary.bytes_from_origin, 2);
+    assert_eq!(summary.bytes_to_client as usize, out.len());
+}
+
+fn empty_summary() -> Summary {
+    Summary {
+        method: String::new(),
+        url: String::new(),
+        status: None,
+        head: None,
+        bytes_from_origin: 0,
+        bytes_to_client: 0,
+        time_to_first_byte: None,
+        total_time: Duration::ZERO,
+        error: None,
+    }
+}

@@ -1,0 +1,77 @@
+# frozen_string_literal: true
+
+require "socket"
+
+RSpec.describe "limits and stats" do
+  before(:all) do
+    @origin = OriginServer.new.start
+    @origin2 = OriginServer.new.start
+    @puma = PumaServer.new(
+      env: { "ORIGIN_URL" => @origin.url, "ORIGIN2_URL" => @origin2.url,
+             "THREADED_PROXY_MAX_CONNECTIONS" => 3, "THREADED_PROXY_MAX_CONNECTIONS_PER_ORIGIN" => 2 },
+      threads: "2:2"
+    ).start
+  end
+
+  after(:all) do
+    @puma&.stop
+    @origin&.stop
+    @origin2&.stop
+  end
+
+  let(:puma) { @puma }
+
+  # Opens a proxied request the origin never answers; returns its socket.
+  def hanging(path)
+    socket = TCPSocket.new("127.0.0.1", puma.port)
+    socket.write("GET #{path} HTTP/1.1\r\nHost: x\r\n\r\n")
+    socket
+  end
+
+  def wait_idle
+    expect(StatsClient.wait_for(puma) { |s| s["active"].zero? }).not_to be_nil
+  end
+
+  it "answers 503 with Retry-After past max_connections_per_origin and max_connections, without touching the origin" do
+    wait_idle
+    before = @origin.request_count
+    held = [hanging("/proxy/hang"), hanging("/proxy/hang")]
+    expect(@origin.wait_until(timeout: 10) { @origin.request_count == before + 2 }).to be(true)
+
+    per_origin = RawHTTP.request("#{puma.url}/proxy/bytes?n=10")
+    expect(per_origin.status).to eq(503)
+    expect(per_origin["retry-after"]).to eq("1")
+    expect(per_origin.complete).to be(true)
+
+    # Another origin still has room: the third exchange overall.
+    held << hanging("/proxy2/hang")
+    expect(@origin2.wait_until(timeout: 10) { @origin2.request_count >= 1 }).to be(true)
+    total = RawHTTP.request("#{puma.url}/proxy2/bytes?n=10")
+    expect(total.status).to eq(503)
+    expect(@origin.request_count).to eq(before + 2)
+
+    stats = StatsClient.fetch(puma)
+    expect(stats["active"]).to eq(3)
+    expect(stats["rejected"]).to be >= 2
+    expect(stats["failed_overload"]).to be >= 2
+
+    held.each(&:close)
+    wait_idle
+    expect(RawHTTP.request("#{puma.url}/proxy/bytes?n=10").status).to eq(200)
+  ensure
+    held&.each { |s| s.close unless s.closed? }
+  end
+
+  it "counts exchanges and bytes in ThreadedProxy.stats" do
+    wait_idle
+    before = StatsClient.fetch(puma)
+    3.times { expect(RawHTTP.request("#{puma.url}/proxy/bytes?n=1000").status).to eq(200) }
+    closed_port = TCPServer.new("127.0.0.1", 0).then { |s| s.addr[1].tap { s.close } }
+    expect(RawHTTP.request("#{puma.url}/proxy2/status?code=200").status).to eq(200)
+    after = StatsClient.wait_for(puma) { |s| s["completed"] >= before["completed"] + 4 }
+    expect(after["started"] - before["started"]).to be >= 4
+    expect(after["bytes_from_origin"] - before["bytes_from_origin"]).to be >= 3000
+    expect(after["bytes_to_client"] - before["bytes_to_client"]).to be > 3000
+    expect(closed_port).to be_positive
+  end
+end
