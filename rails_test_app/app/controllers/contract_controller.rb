@@ -3,6 +3,7 @@
 require "digest"
 require "json"
 require "net/http"
+require "stringio"
 
 # One small action per feature of the proxy_fetch / reverse_proxy contract
 # (DESIGN.md), driven by spec/integration/contract_spec.rb through the query:
@@ -104,7 +105,7 @@ class ContractController < ApplicationController
 
   # ---------------------------------------------------------------- callbacks
 
-  # on_response reads the body, then renders it as ?as=text|json|string|file.
+  # on_response reads the body, then renders it as ?as=text|json|string|io|file.
   def on_response_render
     file = params[:file]
     proxy_fetch target_url, fetch_options do |config|
@@ -117,6 +118,7 @@ class ContractController < ApplicationController
         when "json" then responder.render(status: 202, headers: { "x-rendered" => "json" }, json: summary)
         when "string"
           responder.render(status: 203, headers: { "content-type" => "application/octet-stream" }, body: body)
+        when "io" then responder.render(body: StringIO.new(body))
         when "file"
           File.open(file, "rb") { |io| responder.render(headers: { "content-type" => "application/x-file" }, body: io) }
         end
