@@ -5,6 +5,7 @@ require_relative "threaded_proxy/errors"
 require_relative "threaded_proxy/native"
 require_relative "threaded_proxy/configuration"
 require_relative "threaded_proxy/options"
+require_relative "threaded_proxy/tunnel_options"
 require_relative "threaded_proxy/config"
 require_relative "threaded_proxy/response"
 require_relative "threaded_proxy/responder"
@@ -48,6 +49,12 @@ module ThreadedProxy
     # return from the app (a hijack marker under Puma).
     def call(env, url, **options, &config)
       Exchange.new(env, url, options, &config).start
+    end
+
+    # Joins the client to a raw TCP service (tcp://host:port) after
+    # answering its Upgrade (101) or CONNECT (200); returns the Rack response.
+    def tunnel(env, target, **options)
+      Exchange.new(env, target, options, tunnel: true).start
     end
 
     # Stops taking exchanges, lets running ones finish for up to `timeout`

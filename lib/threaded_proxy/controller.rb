@@ -25,6 +25,15 @@ module ThreadedProxy
       proxy_fetch("#{base}#{path}", forwarding.merge(options))
     end
 
+    # After authorising in the action, joins the client to a raw TCP
+    # service: answers its Upgrade with 101 (or CONNECT with 200), then copies
+    # bytes both ways until both sides close or idle_timeout passes.
+    #
+    #   proxy_tunnel "tcp://db-console.internal:5432", idle_timeout: 600
+    def proxy_tunnel(target, **options)
+      apply_threaded_proxy_response(ThreadedProxy.tunnel(request.env, target, **options))
+    end
+
     private
 
     def apply_threaded_proxy_response(rack_response)

@@ -12,9 +12,14 @@ module ThreadedProxy
     # Client headers that are not the client's to forward.
     NOT_FORWARDED = %w[host version content-length].freeze
 
-    def initialize(env, url, options, &block)
+    # Request headers a protocol switch needs at the origin (the WebSocket
+    # handshake), forwarded whenever the client asks to upgrade.
+    UPGRADE_HEADERS = /\AHTTP_SEC_WEBSOCKET_/.freeze
+
+    def initialize(env, url, options, tunnel: nil, &block)
       @env = env
-      @options = Options.new(url, options)
+      @tunnel = tunnel
+      @options = tunnel ? TunnelOptions.new(url, options) : Options.new(url, options)
       @config = Config.new
       block&.call(@config)
     end
@@ -24,8 +29,11 @@ module ThreadedProxy
       spec = native_spec
       io = hijack
       return start_on_socket(io, spec) if io
+      raise Error, "proxy_tunnel needs a server with rack.hijack (Puma over plain TCP)" if @tunnel
 
-      start_in_request_thread(spec)
+      # Without the socket there is nothing to switch protocols on: the
+      # origin gets a plain request.
+      start_in_request_thread(spec.except(:upgrade))
     end
 
     private
@@ -83,7 +91,9 @@ module ThreadedProxy
         url: @options.url,
         headers: request_headers(body),
         client_head: @env["REQUEST_METHOD"] == "HEAD",
-        client_http10: (@env["SERVER_PROTOCOL"] || @env["HTTP_VERSION"]) == "HTTP/1.0",
+        # Puma puts the request's version in HTTP_VERSION; its
+        # SERVER_PROTOCOL is always "HTTP/1.1".
+        client_http10: (@env["HTTP_VERSION"] || @env["SERVER_PROTOCOL"]) == "HTTP/1.0",
         on_headers: !@config[:on_headers].nil?,
         on_response: !@config[:on_response].nil?,
         on_error: !@config[:on_error].nil?,
@@ -94,7 +104,31 @@ module ThreadedProxy
         verify_tls: @options.verify_tls,
         ca_file: @options.ca_file,
         max_buffered_body: @options.max_buffered_body
-      }.merge(body)
+      }.merge(body).merge(upgrade_spec)
+    end
+
+    # The protocol the client asked to switch to, if it did (Upgrade plus
+    # "upgrade" among its Connection tokens).
+    def requested_upgrade
+      protocol = @env["HTTP_UPGRADE"]
+      return nil if protocol.nil? || protocol.empty? || Options::FORBIDDEN_BYTES.match?(protocol)
+      return nil unless @env["HTTP_CONNECTION"].to_s.split(",").any? { |t| t.strip.casecmp?("upgrade") }
+
+      protocol
+    end
+
+    def upgrade_spec
+      if @tunnel
+        protocol = requested_upgrade
+        connect = @env["REQUEST_METHOD"] == "CONNECT"
+        raise ArgumentError, "proxy_tunnel needs a request with Upgrade (or CONNECT)" unless protocol || connect
+
+        { tunnel_address: @options.address, tunnel_upgrade: connect ? nil : protocol }
+      elsif (protocol = requested_upgrade)
+        { upgrade: protocol }
+      else
+        {}
+      end
     end
 
     # Forwarded client headers first, then the caller's, which win.
@@ -110,7 +144,7 @@ module ThreadedProxy
 
     def forwarded_headers
       wanted = @options.forward_headers
-      return [] unless wanted
+      return upgrade_headers unless wanted
 
       pairs = []
       @env.each do |key, value|
@@ -125,7 +159,19 @@ module ThreadedProxy
         pairs << [name, value]
       end
       connection_named = @env["HTTP_CONNECTION"].to_s.split(",").map { |t| t.strip.downcase }
-      pairs.reject { |name, _| connection_named.include?(name.downcase) }
+      pairs = pairs.reject { |name, _| connection_named.include?(name.downcase) }
+      names = pairs.map { |name, _| name.downcase }
+      pairs + upgrade_headers.reject { |name, _| names.include?(name.downcase) }
+    end
+
+    def upgrade_headers
+      return [] unless requested_upgrade && !@tunnel
+
+      @env.filter_map do |key, value|
+        next unless UPGRADE_HEADERS.match?(key) && value.is_a?(String) && !Options::FORBIDDEN_BYTES.match?(value)
+
+        [key.delete_prefix("HTTP_").split("_").map(&:capitalize).join("-"), value]
+      end
     end
 
     # The body as Rust wants it. Taken before the action returns: Puma

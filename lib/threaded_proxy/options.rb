@@ -68,6 +68,10 @@ module ThreadedProxy
     end
 
     def check_allowed_host(host, allowed_hosts)
+      Options.check_allowed_host!(host, allowed_hosts)
+    end
+
+    def self.check_allowed_host!(host, allowed_hosts)
       host = host.downcase.delete_prefix("[").delete_suffix("]")
       allowed = allowed_hosts.any? do |entry|
         case entry

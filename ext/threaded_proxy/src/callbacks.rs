@@ -102,11 +102,7 @@ impl<T> BlockingQueue<T> {
     }
 
     pub fn len(&self) -> usize {
-        self.state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .items
-            .len()
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).items.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -132,6 +128,8 @@ pub struct Summary {
     pub head: Option<ResponseHead>,
     pub bytes_from_origin: u64,
     pub bytes_to_client: u64,
+    /// Bytes the client sent through a tunnel (0 for plain exchanges).
+    pub bytes_from_client: u64,
     pub time_to_first_byte: Option<Duration>,
     pub total_time: Duration,
     pub error: Option<ErrorReport>,
@@ -346,8 +344,7 @@ mod tests {
             ) else {
                 panic!("expected a headers job")
             };
-            head.headers
-                .push(("x-added".into(), Bytes::from_static(b"1")));
+            head.headers.push(("x-added".into(), Bytes::from_static(b"1")));
             job.reply(CallbackReply::Continue(head));
         });
         let head = ResponseHead {

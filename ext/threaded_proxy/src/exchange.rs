@@ -14,18 +14,19 @@ use bytes::{Bytes, BytesMut};
 use http::{Method, Request};
 use http_body::Body;
 use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
 use crate::callbacks::{
-    BlockingQueue, BodyRequest, CallbackEvent, CallbackReply, Rendered, RenderedBody, ResponseHead,
-    Summary,
+    BlockingQueue, BodyRequest, CallbackEvent, CallbackReply, Rendered, RenderedBody, ResponseHead, Summary,
 };
 use crate::errors::{ErrorReport, ProxyError};
 use crate::handoff::{self, ClientSocket};
 use crate::headers::{self, ClientRequest, Framing, HeaderList};
 use crate::relay::{self, ClientWriter};
 use crate::runtime::Proxy;
+use crate::tunnel::{self, TunnelCounts, TunnelEnd};
 use crate::upstream::{self, BodySource, BoxError, TlsSettings};
 
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +62,26 @@ pub struct ExchangeSpec {
     pub timeouts: Timeouts,
     pub tls: TlsSettings,
     pub max_buffered_body: usize,
+    /// The client's Upgrade header when it asked to switch protocols: it
+    /// goes to the origin, and the origin's 101 starts a tunnel.
+    pub upgrade: Option<Bytes>,
+    /// `proxy_tunnel`: join the client to a raw TCP service instead of
+    /// fetching `url`.
+    pub tunnel: Option<TunnelTarget>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TunnelTarget {
+    /// "host:port" of the TCP service.
+    pub address: String,
+    /// The protocol to name in a 101 answer; None answers 200 (CONNECT).
+    pub upgrade: Option<Bytes>,
+}
+
+impl ExchangeSpec {
+    fn tunnels(&self) -> bool {
+        self.upgrade.is_some() || self.tunnel.is_some()
+    }
 }
 
 /// Time the client gets to close its side after a clean finish.
@@ -80,12 +101,15 @@ async fn run(proxy: &'static Proxy, spec: ExchangeSpec, client: OwnedFd) {
         Ok(socket) => {
             let raw_fd = socket.raw_fd();
             match socket {
-                ClientSocket::Tcp(s) => {
-                    let (rd, wr) = s.into_split();
+                // Borrowed halves: tokio's owned write half sends FIN when
+                // dropped, which would make an aborted body look complete.
+                // The socket closes (with RST when aborted) when `s` drops.
+                ClientSocket::Tcp(mut s) => {
+                    let (rd, wr) = s.split();
                     drive(proxy, spec, rd, wr, raw_fd, started).await
                 }
-                ClientSocket::Unix(s) => {
-                    let (rd, wr) = s.into_split();
+                ClientSocket::Unix(mut s) => {
+                    let (rd, wr) = s.split();
                     drive(proxy, spec, rd, wr, raw_fd, started).await
                 }
             }
@@ -98,6 +122,7 @@ async fn run(proxy: &'static Proxy, spec: ExchangeSpec, client: OwnedFd) {
                 head: None,
                 bytes_from_origin: 0,
                 bytes_to_client: 0,
+                bytes_from_client: 0,
                 time_to_first_byte: None,
                 total_time: started.elapsed(),
                 error: Some(ErrorReport::from(&ProxyError::client(&e))),
@@ -122,7 +147,7 @@ async fn run(proxy: &'static Proxy, spec: ExchangeSpec, client: OwnedFd) {
 async fn drive<R, W>(
     proxy: &'static Proxy,
     spec: ExchangeSpec,
-    mut rd: R,
+    rd: R,
     wr: W,
     raw_fd: RawFd,
     started: Instant,
@@ -141,19 +166,31 @@ where
         time_to_first_byte: None,
         bytes_from_origin: 0,
         finished_cleanly: false,
+        client_reader: None,
+        tunnel_counts: TunnelCounts::default(),
+    };
+    // A tunnel reads the client itself; anything else watches it for EOF.
+    let mut watched = if exchange.spec.tunnels() {
+        exchange.client_reader = Some(rd);
+        None
+    } else {
+        Some(rd)
     };
     let mut cancelled = proxy.cancelled();
     let result = tokio::select! {
         result = exchange.serve() => result,
-        _ = relay::client_gone(&mut rd) => Err(ProxyError::Client {
+        _ = watch_client(watched.as_mut()) => Err(ProxyError::Client {
             message: "client closed the connection".to_owned(),
         }),
         _ = cancelled.wait_for(|cut| *cut) => Err(ProxyError::Internal {
             message: "cut by shutdown before the exchange finished".to_owned(),
         }),
     };
+    let mut rd = watched.or_else(|| exchange.client_reader.take());
     if exchange.finished_cleanly {
-        relay::drain(&mut rd, DRAIN_LIMIT).await;
+        if let Some(rd) = rd.as_mut() {
+            relay::drain(rd, DRAIN_LIMIT).await;
+        }
     } else {
         handoff::set_abortive_close(raw_fd);
     }
@@ -165,6 +202,7 @@ where
         head: exchange.sent_head.take(),
         bytes_from_origin: exchange.bytes_from_origin,
         bytes_to_client: exchange.writer.bytes_written,
+        bytes_from_client: exchange.tunnel_counts.to_origin.load(Relaxed),
         time_to_first_byte: exchange.time_to_first_byte,
         total_time: started.elapsed(),
         error: result.err().map(|e| ErrorReport::from(&e)),
@@ -172,7 +210,15 @@ where
     (spec.id, spec.callbacks.finished, summary)
 }
 
-struct Exchange<W> {
+/// Completes when the watched client closes; never when there is none.
+async fn watch_client<R: AsyncRead + Unpin>(rd: Option<&mut R>) {
+    match rd {
+        Some(rd) => relay::client_gone(rd).await,
+        None => std::future::pending().await,
+    }
+}
+
+struct Exchange<R, W> {
     proxy: &'static Proxy,
     spec: ExchangeSpec,
     writer: ClientWriter<W>,
@@ -185,9 +231,12 @@ struct Exchange<W> {
     bytes_from_origin: u64,
     /// The last byte went out and the connection was half-closed cleanly.
     finished_cleanly: bool,
+    /// The client's read half, for tunnels (which copy from it).
+    client_reader: Option<R>,
+    tunnel_counts: TunnelCounts,
 }
 
-impl<W: AsyncWrite + Unpin> Exchange<W> {
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
     fn url(&self) -> &str {
         &self.spec.url
     }
@@ -229,23 +278,27 @@ impl<W: AsyncWrite + Unpin> Exchange<W> {
                 });
             }
         };
-        let client =
-            proxy
-                .upstream
-                .client(&self.spec.tls, self.spec.timeouts.connect, &self.spec.url)?;
+        if let Some(target) = self.spec.tunnel.clone() {
+            return self.raw_tunnel(target).await;
+        }
+        let client = proxy
+            .upstream
+            .client(&self.spec.tls, self.spec.timeouts.connect, &self.spec.url)?;
         let request = self.build_request()?;
-        let response =
-            match tokio::time::timeout(self.spec.timeouts.header, client.request(request)).await {
-                Err(_) => {
-                    return Err(ProxyError::Timeout {
-                        url: self.spec.url.clone(),
-                        phase: "waiting for the response headers",
-                    })
-                }
-                Ok(Err(e)) => return Err(upstream::classify(&e, &self.spec.url)),
-                Ok(Ok(response)) => response,
-            };
+        let response = match tokio::time::timeout(self.spec.timeouts.header, client.request(request)).await {
+            Err(_) => {
+                return Err(ProxyError::Timeout {
+                    url: self.spec.url.clone(),
+                    phase: "waiting for the response headers",
+                })
+            }
+            Ok(Err(e)) => return Err(upstream::classify(&e, &self.spec.url)),
+            Ok(Ok(response)) => response,
+        };
         self.time_to_first_byte = Some(self.started.elapsed());
+        if self.spec.upgrade.is_some() && response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            return self.switch_protocols(response).await;
+        }
         if headers::ambiguous_framing(response.headers()) {
             return Err(ProxyError::Upstream {
                 url: self.spec.url.clone(),
@@ -283,12 +336,138 @@ impl<W: AsyncWrite + Unpin> Exchange<W> {
         }
 
         if self.spec.callbacks.on_response {
-            return self
-                .serve_on_response(head, body, body_length, head_length)
-                .await;
+            return self.serve_on_response(head, body, body_length, head_length).await;
         }
-        self.relay_origin(head, body, body_length, head_length)
-            .await
+        self.relay_origin(head, body, body_length, head_length).await
+    }
+
+    /// The origin accepted the upgrade: answer the client's 101 (after
+    /// on_headers), then copy bytes both ways.
+    async fn switch_protocols(
+        &mut self,
+        mut response: http::Response<hyper::body::Incoming>,
+    ) -> Result<(), ProxyError> {
+        let protocol = response
+            .headers()
+            .get(http::header::UPGRADE)
+            .map(|v| Bytes::copy_from_slice(v.as_bytes()))
+            .or_else(|| self.spec.upgrade.clone());
+        let upgrade = hyper::upgrade::on(&mut response);
+        let mut head = ResponseHead {
+            status: 101,
+            reason: None,
+            headers: headers::end_to_end(response.headers()),
+        };
+        if self.spec.callbacks.on_headers {
+            let event = CallbackEvent::Headers(head);
+            head = match self.proxy.callbacks.call(self.spec.id, event, self.url()).await? {
+                CallbackReply::Continue(changed) => changed,
+                // The callback refused the switch with its own answer.
+                CallbackReply::Render(rendered) => return self.write_rendered(rendered).await,
+                CallbackReply::Failed { message } => return Err(self.callback_error(message)),
+            };
+        }
+        self.validate_head(&head.headers)?;
+        let upgraded = match tokio::time::timeout(self.spec.timeouts.idle, upgrade).await {
+            Ok(Ok(upgraded)) => upgraded,
+            Ok(Err(e)) => {
+                return Err(ProxyError::Upstream {
+                    url: self.spec.url.clone(),
+                    message: format!("upgrade failed: {e}"),
+                    errno: None,
+                })
+            }
+            Err(_) => {
+                return Err(ProxyError::Timeout {
+                    url: self.spec.url.clone(),
+                    phase: "upgrading the origin connection",
+                })
+            }
+        };
+        self.send_switch_head(101, &head.headers, protocol.as_deref())
+            .await?;
+        self.run_tunnel(TokioIo::new(upgraded)).await
+    }
+
+    /// `proxy_tunnel`: connect to a raw TCP service, answer 101 (or 200 for
+    /// CONNECT), then copy bytes both ways.
+    async fn raw_tunnel(&mut self, target: TunnelTarget) -> Result<(), ProxyError> {
+        let connect = tokio::net::TcpStream::connect(target.address.as_str());
+        let stream = match tokio::time::timeout(self.spec.timeouts.connect, connect).await {
+            Err(_) => {
+                return Err(ProxyError::Timeout {
+                    url: self.spec.url.clone(),
+                    phase: "connecting",
+                })
+            }
+            Ok(Err(e)) => {
+                return Err(ProxyError::Connect {
+                    url: self.spec.url.clone(),
+                    message: e.to_string(),
+                    errno: e.raw_os_error(),
+                })
+            }
+            Ok(Ok(stream)) => stream,
+        };
+        let _ = stream.set_nodelay(true);
+        self.time_to_first_byte = Some(self.started.elapsed());
+        let status = if target.upgrade.is_some() { 101 } else { 200 };
+        self.send_switch_head(status, &Vec::new(), target.upgrade.as_deref())
+            .await?;
+        self.run_tunnel(stream).await
+    }
+
+    async fn send_switch_head(
+        &mut self,
+        status: u16,
+        headers: &HeaderList,
+        protocol: Option<&[u8]>,
+    ) -> Result<(), ProxyError> {
+        let mut buf = BytesMut::new();
+        headers::write_switch_head(&mut buf, status, headers, protocol);
+        self.status = Some(status);
+        let before = self.writer.bytes_written;
+        let sent = self.writer.send_head(buf, Framing::None).await;
+        self.count_to_client(before);
+        sent
+    }
+
+    async fn run_tunnel<O: AsyncRead + AsyncWrite>(&mut self, origin: O) -> Result<(), ProxyError> {
+        let Some(mut reader) = self.client_reader.take() else {
+            return Err(ProxyError::Internal {
+                message: "tunnel without the client's read half".to_owned(),
+            });
+        };
+        let idle = self.spec.timeouts.idle;
+        let result = tunnel::run(
+            &mut reader,
+            self.writer.io_mut(),
+            origin,
+            idle,
+            &self.tunnel_counts,
+        )
+        .await;
+        self.client_reader = Some(reader);
+        let to_client = self.tunnel_counts.to_client.load(Relaxed);
+        self.writer.add_written(to_client);
+        self.bytes_from_origin += to_client;
+        self.proxy.stats.bytes_to_client.fetch_add(to_client, Relaxed);
+        self.proxy.stats.bytes_from_origin.fetch_add(to_client, Relaxed);
+        match result {
+            Ok(()) => {
+                self.finished_cleanly = true;
+                Ok(())
+            }
+            Err(TunnelEnd::Idle) => Err(ProxyError::Timeout {
+                url: self.spec.url.clone(),
+                phase: "in an idle tunnel",
+            }),
+            Err(TunnelEnd::Failed(message)) => Err(ProxyError::Upstream {
+                url: self.spec.url.clone(),
+                message,
+                errno: None,
+            }),
+        }
     }
 
     fn callback_error(&self, message: String) -> ProxyError {
@@ -312,6 +491,11 @@ impl<W: AsyncWrite + Unpin> Exchange<W> {
                 continue;
             }
             builder = builder.header(name.as_str(), value.as_ref());
+        }
+        if let Some(protocol) = &self.spec.upgrade {
+            builder = builder
+                .header(http::header::UPGRADE, protocol.as_ref())
+                .header(http::header::CONNECTION, "upgrade");
         }
         let body = std::mem::replace(&mut self.spec.body, BodySource::Empty)
             .into_body()
@@ -530,9 +714,7 @@ impl<W: AsyncWrite + Unpin> Exchange<W> {
         };
         proxy.stats.callbacks_run.fetch_add(1, Relaxed);
         let reply = match reply {
-            Err(_) => {
-                return Err(self.callback_error("on_response did not answer in time".to_owned()))
-            }
+            Err(_) => return Err(self.callback_error("on_response did not answer in time".to_owned())),
             Ok(Err(_)) => {
                 return Err(self.callback_error("on_response finished without answering".to_owned()))
             }
@@ -547,10 +729,7 @@ impl<W: AsyncWrite + Unpin> Exchange<W> {
                     self.relay_origin(head, http_body_util::Full::new(bytes), length, length)
                         .await
                 }
-                (None, Some(body)) => {
-                    self.relay_origin(head, body, body_length, head_length)
-                        .await
-                }
+                (None, Some(body)) => self.relay_origin(head, body, body_length, head_length).await,
                 (None, None) => Err(self.callback_error("response body was lost".to_owned())),
             },
         }
@@ -561,8 +740,7 @@ impl<W: AsyncWrite + Unpin> Exchange<W> {
         self.validate_head(&rendered.headers)?;
         match rendered.body {
             RenderedBody::Bytes(bytes) => {
-                let framing =
-                    headers::framing(rendered.status, self.spec.client, Some(bytes.len() as u64));
+                let framing = headers::framing(rendered.status, self.spec.client, Some(bytes.len() as u64));
                 self.send_head(
                     rendered.status,
                     None,
@@ -572,8 +750,7 @@ impl<W: AsyncWrite + Unpin> Exchange<W> {
                 )
                 .await?;
                 if framing != Framing::None {
-                    self.copy_body(http_body_util::Full::new(bytes), false)
-                        .await?;
+                    self.copy_body(http_body_util::Full::new(bytes), false).await?;
                 }
             }
             RenderedBody::File(mut file) => {
@@ -588,14 +765,8 @@ impl<W: AsyncWrite + Unpin> Exchange<W> {
                 let body = BodySource::File { file, offset }
                     .into_body()
                     .map_err(|e| self.file_error(e))?;
-                self.send_head(
-                    rendered.status,
-                    None,
-                    &rendered.headers,
-                    framing,
-                    Some(length),
-                )
-                .await?;
+                self.send_head(rendered.status, None, &rendered.headers, framing, Some(length))
+                    .await?;
                 if framing != Framing::None {
                     self.copy_body(body, false).await?;
                 }
@@ -629,9 +800,7 @@ impl<W: AsyncWrite + Unpin> Exchange<W> {
                         .write_rendered(default_answer(&self.callback_error(message)))
                         .await
                 }
-                Err(callback_err) => {
-                    return self.write_rendered(default_answer(&callback_err)).await
-                }
+                Err(callback_err) => return self.write_rendered(default_answer(&callback_err)).await,
             }
         }
         self.write_rendered(default_answer(err)).await
@@ -677,9 +846,7 @@ pub fn origin_key(url: &str) -> String {
     match url.parse::<http::Uri>() {
         Ok(uri) => {
             let scheme = uri.scheme_str().unwrap_or("http");
-            let port = uri
-                .port_u16()
-                .unwrap_or(if scheme == "https" { 443 } else { 80 });
+            let port = uri.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
             format!("{scheme}://{}:{port}", uri.host().unwrap_or(""))
         }
         Err(_) => url.to_owned(),
@@ -694,10 +861,7 @@ mod tests {
     fn origin_key_fills_default_ports() {
         assert_eq!(origin_key("http://a.test/x?y"), "http://a.test:80");
         assert_eq!(origin_key("https://a.test/"), "https://a.test:443");
-        assert_eq!(
-            origin_key("http://127.0.0.1:9000/p"),
-            "http://127.0.0.1:9000"
-        );
+        assert_eq!(origin_key("http://127.0.0.1:9000/p"), "http://127.0.0.1:9000");
     }
 
     #[test]

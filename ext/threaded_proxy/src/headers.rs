@@ -46,12 +46,7 @@ pub fn end_to_end(headers: &HeaderMap) -> HeaderList {
             let name = name.as_str();
             !is_hop_by_hop(name) && !named.iter().any(|n| n == name)
         })
-        .map(|(name, value)| {
-            (
-                name.as_str().to_owned(),
-                Bytes::copy_from_slice(value.as_bytes()),
-            )
-        })
+        .map(|(name, value)| (name.as_str().to_owned(), Bytes::copy_from_slice(value.as_bytes())))
         .collect()
 }
 
@@ -148,12 +143,7 @@ pub fn write_head(
                 .and_then(|s| s.canonical_reason())
         })
         .unwrap_or("Unknown");
-    buf.reserve(
-        256 + headers
-            .iter()
-            .map(|(n, v)| n.len() + v.len() + 4)
-            .sum::<usize>(),
-    );
+    buf.reserve(256 + headers.iter().map(|(n, v)| n.len() + v.len() + 4).sum::<usize>());
     buf.put_slice(b"HTTP/1.1 ");
     buf.put_slice(status.to_string().as_bytes());
     buf.put_u8(b' ');
@@ -187,6 +177,32 @@ pub fn write_head(
         Framing::Close => {}
     }
     buf.put_slice(b"connection: close\r\n\r\n");
+}
+
+/// The head of a `101 Switching Protocols` (or `200` for CONNECT) that
+/// starts a tunnel: the given headers minus hop-by-hop ones, then the
+/// Upgrade and `Connection: upgrade` pair when switching protocols.
+pub fn write_switch_head(buf: &mut BytesMut, status: u16, headers: &HeaderList, upgrade: Option<&[u8]>) {
+    let reason = StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Switching Protocols");
+    buf.put_slice(format!("HTTP/1.1 {status} {reason}\r\n").as_bytes());
+    for (name, value) in headers {
+        if is_framing_header(name) {
+            continue;
+        }
+        buf.put_slice(name.as_bytes());
+        buf.put_slice(b": ");
+        buf.put_slice(value);
+        buf.put_slice(b"\r\n");
+    }
+    if let Some(protocol) = upgrade {
+        buf.put_slice(b"upgrade: ");
+        buf.put_slice(protocol);
+        buf.put_slice(b"\r\nconnection: upgrade\r\n");
+    }
+    buf.put_slice(b"\r\n");
 }
 
 /// The value of Content-Length in a header list, when there is exactly one
@@ -246,10 +262,7 @@ mod tests {
     fn end_to_end_drops_hop_by_hop_and_connection_named_headers() {
         let mut map = HeaderMap::new();
         map.append("content-type", HeaderValue::from_static("text/plain"));
-        map.append(
-            "connection",
-            HeaderValue::from_static("keep-alive, X-Secret"),
-        );
+        map.append("connection", HeaderValue::from_static("keep-alive, X-Secret"));
         map.append("keep-alive", HeaderValue::from_static("timeout=5"));
         map.append("transfer-encoding", HeaderValue::from_static("chunked"));
         map.append("x-secret", HeaderValue::from_static("1"));
@@ -329,27 +342,36 @@ mod tests {
 
     #[test]
     fn head_keeps_length_for_head_and_304_but_not_204() {
-        assert!(
-            head(200, None, &list(&[]), Framing::None, Some(7)).contains("content-length: 7\r\n")
-        );
-        assert!(
-            head(304, None, &list(&[]), Framing::None, Some(7)).contains("content-length: 7\r\n")
-        );
+        assert!(head(200, None, &list(&[]), Framing::None, Some(7)).contains("content-length: 7\r\n"));
+        assert!(head(304, None, &list(&[]), Framing::None, Some(7)).contains("content-length: 7\r\n"));
         assert!(!head(204, None, &list(&[]), Framing::None, Some(7)).contains("content-length"));
     }
 
     #[test]
     fn head_replaces_unsafe_or_missing_reasons() {
-        assert!(head(599, None, &list(&[]), Framing::None, None)
-            .starts_with("HTTP/1.1 599 Unknown\r\n"));
-        assert!(
-            head(502, Some("bad\r\nX: y"), &list(&[]), Framing::None, None)
-                .starts_with("HTTP/1.1 502 Bad Gateway\r\n")
+        assert!(head(599, None, &list(&[]), Framing::None, None).starts_with("HTTP/1.1 599 Unknown\r\n"));
+        assert!(head(502, Some("bad\r\nX: y"), &list(&[]), Framing::None, None)
+            .starts_with("HTTP/1.1 502 Bad Gateway\r\n"));
+        assert!(head(200, Some("Fine Thanks"), &list(&[]), Framing::None, None)
+            .starts_with("HTTP/1.1 200 Fine Thanks\r\n"));
+    }
+
+    #[test]
+    fn switch_head_names_the_protocol_and_drops_hop_by_hop() {
+        let mut buf = BytesMut::new();
+        let h = list(&[
+            ("Sec-WebSocket-Accept", "abc"),
+            ("Connection", "close"),
+            ("Upgrade", "h2c"),
+        ]);
+        write_switch_head(&mut buf, 101, &h, Some(b"websocket"));
+        assert_eq!(
+            String::from_utf8(buf.to_vec()).unwrap(),
+            "HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: abc\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
         );
-        assert!(
-            head(200, Some("Fine Thanks"), &list(&[]), Framing::None, None)
-                .starts_with("HTTP/1.1 200 Fine Thanks\r\n")
-        );
+        let mut buf = BytesMut::new();
+        write_switch_head(&mut buf, 200, &list(&[]), None);
+        assert_eq!(&buf[..], b"HTTP/1.1 200 OK\r\n\r\n");
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! - `relay`: writing the response to the client (framing, bounds, abort).
 //! - `headers`: hop-by-hop rules, validation, the response head.
 //! - `handoff`: fd → tokio stream.
+//! - `tunnel`: two-way byte copy after a 101 or for `proxy_tunnel`.
 //! - `callbacks`: the queue between tokio tasks and Ruby callback threads.
 //! - `runtime`: the per-process runtime, rebuilt after fork; settings.
 //! - `limits`, `stats`, `errors`: admission caps, counters, the error type.
@@ -25,6 +26,7 @@ pub mod limits;
 pub mod relay;
 pub mod runtime;
 pub mod stats;
+pub mod tunnel;
 pub mod upstream;
 
 #[cfg(feature = "ruby")]

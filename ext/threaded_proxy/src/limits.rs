@@ -67,11 +67,7 @@ impl Limits {
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
-        let mut per_origin = self
-            .limits
-            .per_origin
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut per_origin = self.limits.per_origin.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(count) = per_origin.get_mut(&self.origin) {
             *count -= 1;
             if *count == 0 {

@@ -56,6 +56,16 @@ impl<W: AsyncWrite + Unpin> ClientWriter<W> {
         self.write_buf(head.freeze()).await
     }
 
+    /// The raw client writer, for tunnels (after the head went out).
+    pub fn io_mut(&mut self) -> &mut W {
+        &mut self.io
+    }
+
+    /// Counts bytes written around this writer (tunnels).
+    pub fn add_written(&mut self, n: u64) {
+        self.bytes_written += n;
+    }
+
     pub fn framing(&self) -> Framing {
         self.framing
     }
@@ -70,8 +80,7 @@ impl<W: AsyncWrite + Unpin> ClientWriter<W> {
             Framing::None => return Ok(()),
             Framing::Chunked => {
                 let prefix = Bytes::from(format!("{:x}\r\n", data.len()));
-                self.write_buf(prefix.chain(data).chain(&b"\r\n"[..]))
-                    .await?;
+                self.write_buf(prefix.chain(data).chain(&b"\r\n"[..])).await?;
             }
             Framing::Length(total) => {
                 if self.body_written + len > total {

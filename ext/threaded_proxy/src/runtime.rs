@@ -61,10 +61,9 @@ pub fn settings() -> Settings {
 /// Stores settings; limits apply at once, the rest to the next runtime built.
 pub fn configure(settings: Settings) {
     if let Some(proxy) = existing() {
-        proxy.limits.resize(
-            settings.max_connections,
-            settings.max_connections_per_origin,
-        );
+        proxy
+            .limits
+            .resize(settings.max_connections, settings.max_connections_per_origin);
     }
     *SETTINGS.lock().unwrap_or_else(|e| e.into_inner()) = Some(settings);
 }
@@ -87,9 +86,7 @@ pub struct Proxy {
 impl Proxy {
     fn build(settings: &Settings) -> Result<Proxy, ProxyError> {
         let threads = match settings.runtime_threads {
-            0 => std::thread::available_parallelism()
-                .map_or(2, |n| n.get())
-                .min(4),
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()).min(4),
             n => n,
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -106,10 +103,7 @@ impl Proxy {
             callbacks: CallbackBridge::new(settings.callback_timeout),
             upstream: Upstream::new(settings.pool_idle_timeout, settings.pool_max_idle_per_host),
             stats: Stats::default(),
-            limits: Limits::new(
-                settings.max_connections,
-                settings.max_connections_per_origin,
-            ),
+            limits: Limits::new(settings.max_connections, settings.max_connections_per_origin),
             tracker: Tracker::default(),
             accepting: AtomicBool::new(true),
             cancel: watch::channel(false).0,

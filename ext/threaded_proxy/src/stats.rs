@@ -34,10 +34,7 @@ impl Stats {
                 "bytes_from_origin".to_owned(),
                 self.bytes_from_origin.load(Relaxed),
             ),
-            (
-                "bytes_to_client".to_owned(),
-                self.bytes_to_client.load(Relaxed),
-            ),
+            ("bytes_to_client".to_owned(), self.bytes_to_client.load(Relaxed)),
             ("callbacks_run".to_owned(), self.callbacks_run.load(Relaxed)),
         ];
         let mut total = 0;

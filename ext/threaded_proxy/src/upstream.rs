@@ -132,8 +132,7 @@ fn tls_config(tls: &TlsSettings, url: &str) -> Result<rustls::ClientConfig, Prox
         let certs = CertificateDer::pem_file_iter(path)
             .map_err(|e| tls_error(format!("cannot read ca_file {}: {e}", path.display())))?;
         for cert in certs {
-            let cert =
-                cert.map_err(|e| tls_error(format!("bad certificate in {}: {e}", path.display())))?;
+            let cert = cert.map_err(|e| tls_error(format!("bad certificate in {}: {e}", path.display())))?;
             roots
                 .add(cert)
                 .map_err(|e| tls_error(format!("bad certificate in {}: {e}", path.display())))?;
@@ -165,12 +164,7 @@ impl ServerCertVerifier for AcceptAnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -179,12 +173,7 @@ impl ServerCertVerifier for AcceptAnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -292,13 +281,15 @@ pub fn classify(err: &hyper_util::client::legacy::Error, url: &str) -> ProxyErro
     let mut tls: Option<String> = None;
     let mut dns = false;
     while let Some(e) = source {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+        // io::Error hides what it wraps from source(): hyper-rustls wraps
+        // tokio-rustls's io::Error (holding the rustls::Error) in another.
+        let mut wrapped: Option<&(dyn StdError + 'static)> = Some(e);
+        while let Some(io) = wrapped.and_then(|w| w.downcast_ref::<std::io::Error>()) {
             errno = errno.or(io.raw_os_error());
             timed_out |= io.kind() == std::io::ErrorKind::TimedOut;
-            if let Some(inner) = io.get_ref() {
-                if let Some(rustls_err) = inner.downcast_ref::<rustls::Error>() {
-                    tls = Some(rustls_err.to_string());
-                }
+            wrapped = io.get_ref().map(|inner| inner as &(dyn StdError + 'static));
+            if let Some(rustls_err) = wrapped.and_then(|w| w.downcast_ref::<rustls::Error>()) {
+                tls = Some(rustls_err.to_string());
             }
         }
         if let Some(rustls_err) = e.downcast_ref::<rustls::Error>() {
@@ -318,17 +309,9 @@ pub fn classify(err: &hyper_util::client::legacy::Error, url: &str) -> ProxyErro
         return ProxyError::Tls { url, message };
     }
     if err.is_connect() || dns {
-        return ProxyError::Connect {
-            url,
-            message,
-            errno,
-        };
+        return ProxyError::Connect { url, message, errno };
     }
-    ProxyError::Upstream {
-        url,
-        message,
-        errno,
-    }
+    ProxyError::Upstream { url, message, errno }
 }
 
 /// "a: b: c" from an error and its sources, without repeats.

@@ -72,6 +72,8 @@ fn spec(url: &str, callbacks: CallbackSet, header_timeout: Duration) -> Exchange
         },
         tls: TlsSettings::default(),
         max_buffered_body: 1 << 20,
+        upgrade: None,
+        tunnel: None,
     }
 }
 
@@ -79,8 +81,7 @@ fn spec(url: &str, callbacks: CallbackSet, header_timeout: Duration) -> Exchange
 /// the other end.
 fn start(spec: ExchangeSpec) -> UnixStream {
     let (ours, theirs) = UnixStream::pair().unwrap();
-    ours.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    ours.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let proxy = runtime::current().unwrap();
     exchange::start(proxy, spec, OwnedFd::from(theirs));
     ours
@@ -94,7 +95,10 @@ fn read_all(mut client: UnixStream) -> String {
 
 #[test]
 fn relays_a_content_length_response_with_connection_close() {
-    let origin = origin(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nKeep-Alive: timeout=5\r\nX-Origin: yes\r\n\r\nhello", false);
+    let origin = origin(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nKeep-Alive: timeout=5\r\nX-Origin: yes\r\n\r\nhello",
+        false,
+    );
     let out = read_all(start(spec(
         &origin.url,
         CallbackSet::default(),
@@ -177,7 +181,10 @@ fn refused_connections_answer_502_and_silence_answers_504() {
 
 #[test]
 fn conflicting_framing_is_refused_with_502() {
-    let origin = origin(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", false);
+    let origin = origin(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        false,
+    );
     let out = read_all(start(spec(
         &origin.url,
         CallbackSet::default(),
@@ -190,11 +197,7 @@ fn conflicting_framing_is_refused_with_502() {
 fn a_client_that_leaves_cancels_the_origin_request() {
     // Headers, then a body that never comes: the exchange waits mid-body.
     let origin = origin(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nab", true);
-    let mut client = start(spec(
-        &origin.url,
-        CallbackSet::default(),
-        Duration::from_secs(5),
-    ));
+    let mut client = start(spec(&origin.url, CallbackSet::default(), Duration::from_secs(5)));
     let mut head = [0u8; 16];
     client.read_exact(&mut head).unwrap();
     drop(client);
@@ -232,8 +235,7 @@ fn callbacks_change_headers_and_the_finished_event_reports_the_exchange() {
             match std::mem::replace(&mut job.event, CallbackEvent::Finished(empty_summary())) {
                 CallbackEvent::Headers(mut head) => {
                     head.headers.retain(|(n, _)| n != "x-drop");
-                    head.headers
-                        .push(("x-added".into(), Bytes::from_static(b"yes")));
+                    head.headers.push(("x-added".into(), Bytes::from_static(b"yes")));
                     head.status = 201;
                     job.reply(CallbackReply::Continue(head));
                 }
@@ -264,6 +266,7 @@ fn empty_summary() -> Summary {
         head: None,
         bytes_from_origin: 0,
         bytes_to_client: 0,
+        bytes_from_client: 0,
         time_to_first_byte: None,
         total_time: Duration::ZERO,
         error: None,

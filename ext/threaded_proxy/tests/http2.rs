@@ -22,14 +22,13 @@ use threaded_proxy::upstream::{BodySource, TlsSettings};
 fn h2_origin(connections: Arc<AtomicUsize>) -> String {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_pair.serialize_der()));
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![CertificateDer::from(cert.cert.der().to_vec())], key)
-    .unwrap();
+    let mut config =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![CertificateDer::from(cert.cert.der().to_vec())], key)
+            .unwrap();
     config.alpn_protocols = vec![b"h2".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -50,16 +49,15 @@ fn h2_origin(connections: Arc<AtomicUsize>) -> String {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
-                    let service =
-                        service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                            let version = format!("{:?}", req.version());
-                            Ok::<_, std::convert::Infallible>(
-                                hyper::Response::builder()
-                                    .header("x-origin-version", version)
-                                    .body(Full::new(Bytes::from_static(b"over h2")))
-                                    .unwrap(),
-                            )
-                        });
+                    let service = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                        let version = format!("{:?}", req.version());
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder()
+                                .header("x-origin-version", version)
+                                .body(Full::new(Bytes::from_static(b"over h2")))
+                                .unwrap(),
+                        )
+                    });
                     let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(tls), service)
                         .await;
@@ -72,8 +70,7 @@ fn h2_origin(connections: Arc<AtomicUsize>) -> String {
 
 fn fetch(url: &str) -> String {
     let (mut ours, theirs) = UnixStream::pair().unwrap();
-    ours.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    ours.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let spec = ExchangeSpec {
         id: 0,
         method: http::Method::GET,
@@ -96,6 +93,8 @@ fn fetch(url: &str) -> String {
             ca_file: None,
         },
         max_buffered_body: 1024,
+        upgrade: None,
+        tunnel: None,
     };
     exchange::start(runtime::current().unwrap(), spec, OwnedFd::from(theirs));
     let mut out = String::new();

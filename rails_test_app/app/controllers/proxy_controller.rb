@@ -51,6 +51,12 @@ class ProxyController < ApplicationController
     )
   end
 
+  # Joins the client to a raw TCP service on 127.0.0.1:<port>.
+  def tunnel
+    options = params[:idle_timeout] ? { idle_timeout: Float(params[:idle_timeout]) } : {}
+    proxy_tunnel "tcp://127.0.0.1:#{Integer(params[:port])}", **options
+  end
+
   def inline
     render plain: "inline ok"
   end

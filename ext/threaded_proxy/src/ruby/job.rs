@@ -37,9 +37,7 @@ impl Job {
     pub fn from_callback(job: CallbackJob) -> Job {
         let kind = job.event.name();
         let (head, error, summary) = match job.event {
-            CallbackEvent::Headers(head) | CallbackEvent::Response(head) => {
-                (Some(head), None, None)
-            }
+            CallbackEvent::Headers(head) | CallbackEvent::Response(head) => (Some(head), None, None),
             CallbackEvent::Error(report) => (None, Some(report), None),
             CallbackEvent::Finished(mut summary) => (summary.head.take(), None, Some(summary)),
         };
@@ -102,19 +100,14 @@ impl Job {
         hash.aset(ruby.to_symbol("method"), summary.method.as_str())?;
         hash.aset(ruby.to_symbol("url"), summary.url.as_str())?;
         hash.aset(ruby.to_symbol("status"), summary.status)?;
-        hash.aset(
-            ruby.to_symbol("bytes_from_origin"),
-            summary.bytes_from_origin,
-        )?;
+        hash.aset(ruby.to_symbol("bytes_from_origin"), summary.bytes_from_origin)?;
         hash.aset(ruby.to_symbol("bytes_to_client"), summary.bytes_to_client)?;
+        hash.aset(ruby.to_symbol("bytes_from_client"), summary.bytes_from_client)?;
         hash.aset(
             ruby.to_symbol("time_to_first_byte"),
             summary.time_to_first_byte.map(|d| d.as_secs_f64()),
         )?;
-        hash.aset(
-            ruby.to_symbol("total_time"),
-            summary.total_time.as_secs_f64(),
-        )?;
+        hash.aset(ruby.to_symbol("total_time"), summary.total_time.as_secs_f64())?;
         let error = match &summary.error {
             Some(report) => errors::exception(ruby, report)?.as_value(),
             None => ruby.qnil().as_value(),
@@ -148,13 +141,7 @@ impl Job {
     }
 
     /// Answers with a String body.
-    fn render(
-        ruby: &Ruby,
-        rb_self: &Self,
-        status: u16,
-        headers: RArray,
-        body: Bytes,
-    ) -> Result<bool, Error> {
+    fn render(ruby: &Ruby, rb_self: &Self, status: u16, headers: RArray, body: Bytes) -> Result<bool, Error> {
         let headers = parse_headers(ruby, headers)?;
         Ok(rb_self.answer(CallbackReply::Render(Rendered {
             status,
@@ -192,10 +179,7 @@ impl Job {
     }
 
     fn answered(&self) -> bool {
-        self.reply
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_none()
+        self.reply.lock().unwrap_or_else(|e| e.into_inner()).is_none()
     }
 
     /// The whole origin body (response jobs only), waited for with the GVL
@@ -232,8 +216,7 @@ impl Job {
                 None => Err(errors::raise(
                     ruby,
                     &ProxyError::Internal {
-                        message: "interrupted or timed out while reading the response body"
-                            .to_owned(),
+                        message: "interrupted or timed out while reading the response body".to_owned(),
                     },
                 )),
             }

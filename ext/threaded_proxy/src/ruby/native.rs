@@ -11,7 +11,7 @@ use magnus::{Error, RHash, Ruby, Symbol, TryConvert, Value};
 use super::errors;
 use super::job::{parse_headers, Job};
 use super::nogvl::{guard, nogvl};
-use crate::exchange::{self, CallbackSet, ExchangeSpec, Timeouts};
+use crate::exchange::{self, CallbackSet, ExchangeSpec, Timeouts, TunnelTarget};
 use crate::handoff;
 use crate::headers::ClientRequest;
 use crate::runtime::{self, Settings};
@@ -27,9 +27,8 @@ fn opt<T: TryConvert>(ruby: &Ruby, hash: RHash, name: &str) -> Result<Option<T>,
 
 fn seconds(ruby: &Ruby, hash: RHash, name: &str) -> Result<Duration, Error> {
     let value: f64 = key(ruby, hash, name)?;
-    Duration::try_from_secs_f64(value).map_err(|_| {
-        errors::argument_error(ruby, format!("{name} must be a positive number of seconds"))
-    })
+    Duration::try_from_secs_f64(value)
+        .map_err(|_| errors::argument_error(ruby, format!("{name} must be a positive number of seconds")))
 }
 
 /// Takes over the client socket `fd` (duplicated here, under the GVL; the
@@ -89,6 +88,14 @@ fn start_exchange(ruby: &Ruby, fd: i32, spec: RHash) -> Result<(), Error> {
                 ca_file: opt::<String>(ruby, spec, "ca_file")?.map(Into::into),
             },
             max_buffered_body: key(ruby, spec, "max_buffered_body")?,
+            upgrade: opt::<Bytes>(ruby, spec, "upgrade")?,
+            tunnel: match opt::<String>(ruby, spec, "tunnel_address")? {
+                Some(address) => Some(TunnelTarget {
+                    address,
+                    upgrade: opt::<Bytes>(ruby, spec, "tunnel_upgrade")?,
+                }),
+                None => None,
+            },
         };
         let client = handoff::duplicate(fd).map_err(|e| {
             Error::new(
@@ -125,21 +132,18 @@ fn configure(ruby: &Ruby, options: RHash) -> Result<(), Error> {
         let defaults = Settings::default();
         let duration = |name: &str, default: Duration| -> Result<Duration, Error> {
             match opt::<f64>(ruby, options, name)? {
-                Some(secs) => Duration::try_from_secs_f64(secs).map_err(|_| {
-                    errors::argument_error(ruby, format!("{name} must be a positive number"))
-                }),
+                Some(secs) => Duration::try_from_secs_f64(secs)
+                    .map_err(|_| errors::argument_error(ruby, format!("{name} must be a positive number"))),
                 None => Ok(default),
             }
         };
         let settings = Settings {
-            runtime_threads: opt(ruby, options, "runtime_threads")?
-                .unwrap_or(defaults.runtime_threads),
+            runtime_threads: opt(ruby, options, "runtime_threads")?.unwrap_or(defaults.runtime_threads),
             callback_timeout: duration("callback_timeout", defaults.callback_timeout)?,
             pool_idle_timeout: duration("pool_idle_timeout", defaults.pool_idle_timeout)?,
             pool_max_idle_per_host: opt(ruby, options, "pool_max_idle_per_host")?
                 .unwrap_or(defaults.pool_max_idle_per_host),
-            max_connections: opt(ruby, options, "max_connections")?
-                .unwrap_or(defaults.max_connections),
+            max_connections: opt(ruby, options, "max_connections")?.unwrap_or(defaults.max_connections),
             max_connections_per_origin: opt(ruby, options, "max_connections_per_origin")?
                 .unwrap_or(defaults.max_connections_per_origin),
         };
@@ -158,10 +162,7 @@ fn stats(ruby: &Ruby) -> Result<RHash, Error> {
         hash.aset(ruby.to_symbol(name), value)?;
     }
     if let Some(proxy) = runtime::existing() {
-        hash.aset(
-            ruby.to_symbol("callbacks_queued"),
-            proxy.callbacks.queue.len(),
-        )?;
+        hash.aset(ruby.to_symbol("callbacks_queued"), proxy.callbacks.queue.len())?;
         hash.aset(
             ruby.to_symbol("tasks_alive"),
             proxy.runtime.metrics().num_alive_tasks(),

@@ -1,0 +1,57 @@
+# frozen_string_literal: true
+
+require "uri"
+
+module ThreadedProxy
+  # Checks proxy_tunnel's arguments: a tcp://host:port target (subject to
+  # allowed_hosts like any URL) and the few options a tunnel has.
+  class TunnelOptions
+    KNOWN = %i[connect_timeout idle_timeout].freeze
+
+    attr_reader :url, :address, :connect_timeout, :idle_timeout
+
+    def initialize(target, options, configuration = ThreadedProxy.configuration)
+      raise ArgumentError, "options must be a Hash, got #{options.class}" unless options.is_a?(Hash)
+
+      options = options.transform_keys(&:to_sym)
+      unknown = options.keys - KNOWN
+      raise ArgumentError, "unknown proxy_tunnel option#{"s" if unknown.size > 1} #{unknown.map(&:inspect).join(", ")} (known: #{KNOWN.join(", ")})" if unknown.any?
+
+      @url, @address = check_target(target, configuration)
+      @connect_timeout = seconds(options, :connect_timeout, configuration.connect_timeout)
+      @idle_timeout = seconds(options, :idle_timeout, configuration.idle_timeout)
+    end
+
+    # What the exchange spec needs besides the tunnel itself.
+    def method = "GET"
+    def headers = []
+    def body = nil
+    def forward_headers = false
+    def header_timeout = connect_timeout
+    def verify_tls = true
+    def ca_file = nil
+    def max_buffered_body = 1
+
+    private
+
+    def check_target(target, configuration)
+      uri = URI.parse(target.to_s)
+      unless uri.scheme == "tcp" && uri.host && uri.port && (uri.path.nil? || uri.path.empty?)
+        raise ArgumentError, "proxy_tunnel target must look like tcp://host:port, got #{target.inspect}"
+      end
+
+      Options.check_allowed_host!(uri.host, configuration.allowed_hosts) if configuration.allowed_hosts
+      host = uri.host.include?(":") ? "[#{uri.host.delete_prefix("[").delete_suffix("]")}]" : uri.host
+      ["tcp://#{host}:#{uri.port}", "#{host}:#{uri.port}"]
+    rescue URI::InvalidURIError => e
+      raise ArgumentError, "malformed proxy_tunnel target #{target.inspect}: #{e.message}"
+    end
+
+    def seconds(options, name, default)
+      value = options.fetch(name, default)
+      raise ArgumentError, "#{name} must be a positive number of seconds, got #{value.inspect}" unless value.is_a?(Numeric) && value.positive?
+
+      value.to_f
+    end
+  end
+end
