@@ -27,4 +27,9 @@ Rails.application.routes.draw do
     match "reverse/*path", action: :reverse, via: :all
   end
   # end contract specs
+
+  # bench routes (bench/, rakelib/bench.rake)
+  get "/bench/inline_1k", to: "bench#inline_1k"
+  get "/bench/proxy/*path", to: "bench#proxy", format: false
+  # end bench routes
 end

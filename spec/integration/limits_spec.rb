@@ -55,11 +55,31 @@ RSpec.describe "limits and stats" do
     expect(stats["rejected"]).to be >= 2
     expect(stats["failed_overload"]).to be >= 2
 
+    expect(puma.log).to include("failed (overload)").and include("max_connections_per_origin reached")
     held.each(&:close)
     wait_idle
     expect(RawHTTP.request("#{puma.url}/proxy/bytes?n=10").status).to eq(200)
   ensure
     held&.each { |s| s.close unless s.closed? }
+  end
+
+  it "drops a client that reads nothing for idle_timeout, without buffering the body" do
+    wait_idle
+    rss_before = StatsClient.fetch(puma)["rss_kb"]
+    closed_before = @origin.peer_closed_count
+    path = URI.encode_www_form_component("/bytes?n=#{200 * 1024 * 1024}")
+    socket = TCPSocket.new("127.0.0.1", puma.port)
+    socket.setsockopt(Socket::SOL_SOCKET, Socket::SO_RCVBUF, 4096)
+    socket.write("GET /contract/fetch?path=#{path}&idle_timeout=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    # The client never reads: the proxy's writes stall, it gives up after
+    # idle_timeout and drops the origin connection too.
+    expect(@origin.wait_until(timeout: 10) { @origin.peer_closed_count > closed_before }).to be(true)
+    stats = StatsClient.wait_for(puma) { |s| s["active"].zero? }
+    expect(stats["failed_client"]).to be >= 1
+    expect(stats["rss_kb"] - rss_before).to be < 20 * 1024
+    expect(puma.log).to include("client read nothing for 1s")
+  ensure
+    socket&.close
   end
 
   it "counts exchanges and bytes in ThreadedProxy.stats" do

@@ -135,6 +135,10 @@ RSpec.describe "tunnels: WebSocket pass-through and proxy_tunnel" do
     writer.join
     expect(count).to eq(size)
     expect(received.hexdigest).to eq(sent.hexdigest)
+    # Both directions are counted once the tunnel has ended.
+    stats = StatsClient.wait_for(puma) { |s| s["bytes_from_client"] >= size }
+    expect(stats).not_to be_nil
+    expect(stats["bytes_to_client"]).to be >= size
   ensure
     socket&.close
   end

@@ -127,11 +127,22 @@ async fn run(proxy: &'static Proxy, spec: ExchangeSpec, client: OwnedFd) {
                 total_time: started.elapsed(),
                 error: Some(ErrorReport::from(&ProxyError::client(&e))),
             };
-            (spec.id, spec.callbacks.finished, summary)
+            Some((spec.id, spec.callbacks.finished, summary))
         }
     };
-    let (id, notify, summary) = outcome;
+    if let Some((id, notify, summary)) = outcome {
+        report(proxy, id, notify, summary);
+    }
+}
+
+/// Counts the exchange as ended and tells Ruby (on_complete, the
+/// instrumentation event, forgetting its procs).
+fn report(proxy: &'static Proxy, id: u64, notify: bool, summary: Summary) {
     proxy.stats.active.fetch_sub(1, Relaxed);
+    proxy
+        .stats
+        .bytes_from_client
+        .fetch_add(summary.bytes_from_client, Relaxed);
     match &summary.error {
         None => proxy.stats.completed.fetch_add(1, Relaxed),
         Some(report) => {
@@ -151,7 +162,7 @@ async fn drive<R, W>(
     wr: W,
     raw_fd: RawFd,
     started: Instant,
-) -> (u64, bool, Summary)
+) -> Option<(u64, bool, Summary)>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -187,13 +198,6 @@ where
         }),
     };
     let mut rd = watched.or_else(|| exchange.client_reader.take());
-    if exchange.finished_cleanly {
-        if let Some(rd) = rd.as_mut() {
-            relay::drain(rd, DRAIN_LIMIT).await;
-        }
-    } else {
-        handoff::set_abortive_close(raw_fd);
-    }
     let spec = &exchange.spec;
     let summary = Summary {
         method: spec.method.to_string(),
@@ -207,7 +211,17 @@ where
         total_time: started.elapsed(),
         error: result.err().map(|e| ErrorReport::from(&e)),
     };
-    (spec.id, spec.callbacks.finished, summary)
+    // Reported before the drain: the last byte is already out, and
+    // on_complete should not wait for a client that is slow to close.
+    report(proxy, spec.id, spec.callbacks.finished, summary);
+    if exchange.finished_cleanly {
+        if let Some(rd) = rd.as_mut() {
+            relay::drain(rd, DRAIN_LIMIT).await;
+        }
+    } else {
+        handoff::set_abortive_close(raw_fd);
+    }
+    None
 }
 
 /// Completes when the watched client closes; never when there is none.

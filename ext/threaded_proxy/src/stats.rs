@@ -13,6 +13,8 @@ pub struct Stats {
     pub rejected: AtomicU64,
     pub bytes_from_origin: AtomicU64,
     pub bytes_to_client: AtomicU64,
+    /// Bytes clients sent through tunnels.
+    pub bytes_from_client: AtomicU64,
     pub callbacks_run: AtomicU64,
     /// Indexed by `ErrorKind::index`.
     pub failed: [AtomicU64; ErrorKind::ALL.len()],
@@ -35,6 +37,10 @@ impl Stats {
                 self.bytes_from_origin.load(Relaxed),
             ),
             ("bytes_to_client".to_owned(), self.bytes_to_client.load(Relaxed)),
+            (
+                "bytes_from_client".to_owned(),
+                self.bytes_from_client.load(Relaxed),
+            ),
             ("callbacks_run".to_owned(), self.callbacks_run.load(Relaxed)),
         ];
         let mut total = 0;
