@@ -130,6 +130,11 @@ module ThreadedProxy
     end
 
     def seconds(options, name, default)
+      Options.seconds!(options, name, default)
+    end
+
+    # A positive number of seconds from `options[name]` (or the default).
+    def self.seconds!(options, name, default)
       value = options.fetch(name, default)
       raise ArgumentError, "#{name} must be a positive number of seconds, got #{value.inspect}" unless value.is_a?(Numeric) && value.positive?
 

@@ -48,10 +48,7 @@ module ThreadedProxy
     end
 
     def seconds(options, name, default)
-      value = options.fetch(name, default)
-      raise ArgumentError, "#{name} must be a positive number of seconds, got #{value.inspect}" unless value.is_a?(Numeric) && value.positive?
-
-      value.to_f
+      Options.seconds!(options, name, default)
     end
   end
 end

@@ -606,6 +606,42 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         B: Body<Data = Bytes> + Unpin,
         B::Error: Into<BoxError>,
     {
+        while let Some(data) = self.next_data(&mut body, from_origin).await? {
+            let before = self.writer.bytes_written;
+            let sent = self.writer.send_body(data).await;
+            self.count_to_client(before);
+            sent?;
+        }
+        Ok(())
+    }
+
+    /// Reads a whole body into memory, refusing more than `max_buffered_body`.
+    async fn read_whole<B>(&mut self, mut body: B) -> Result<Bytes, ProxyError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        let limit = self.spec.max_buffered_body;
+        let mut buf = BytesMut::new();
+        while let Some(data) = self.next_data(&mut body, true).await? {
+            if buf.len() + data.len() > limit {
+                return Err(ProxyError::BodyTooLarge {
+                    url: self.spec.url.clone(),
+                    limit,
+                });
+            }
+            buf.extend_from_slice(&data);
+        }
+        Ok(buf.freeze())
+    }
+
+    /// The next data frame of a body (trailers skipped), waiting at most the
+    /// idle timeout; counted as origin bytes when `from_origin`.
+    async fn next_data<B>(&mut self, body: &mut B, from_origin: bool) -> Result<Option<Bytes>, ProxyError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
         loop {
             let frame = match tokio::time::timeout(self.spec.timeouts.idle, body.frame()).await {
                 Err(_) => {
@@ -614,7 +650,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
                         phase: "waiting for the response body",
                     })
                 }
-                Ok(None) => return Ok(()),
+                Ok(None) => return Ok(None),
                 Ok(Some(Err(e))) => {
                     let e: BoxError = e.into();
                     return Err(ProxyError::Upstream {
@@ -633,55 +669,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
                         .bytes_from_origin
                         .fetch_add(data.len() as u64, Relaxed);
                 }
-                let before = self.writer.bytes_written;
-                let sent = self.writer.send_body(data).await;
-                self.count_to_client(before);
-                sent?;
-            }
-        }
-    }
-
-    /// Reads a whole body into memory, refusing more than `max_buffered_body`.
-    async fn read_whole<B>(&mut self, mut body: B) -> Result<Bytes, ProxyError>
-    where
-        B: Body<Data = Bytes> + Unpin,
-        B::Error: Into<BoxError>,
-    {
-        let limit = self.spec.max_buffered_body;
-        let mut buf = BytesMut::new();
-        loop {
-            match tokio::time::timeout(self.spec.timeouts.idle, body.frame()).await {
-                Err(_) => {
-                    return Err(ProxyError::Timeout {
-                        url: self.spec.url.clone(),
-                        phase: "waiting for the response body",
-                    })
-                }
-                Ok(None) => return Ok(buf.freeze()),
-                Ok(Some(Err(e))) => {
-                    let e: BoxError = e.into();
-                    return Err(ProxyError::Upstream {
-                        url: self.spec.url.clone(),
-                        message: upstream::error_chain(e.as_ref()),
-                        errno: None,
-                    });
-                }
-                Ok(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        self.bytes_from_origin += data.len() as u64;
-                        self.proxy
-                            .stats
-                            .bytes_from_origin
-                            .fetch_add(data.len() as u64, Relaxed);
-                        if buf.len() + data.len() > limit {
-                            return Err(ProxyError::BodyTooLarge {
-                                url: self.spec.url.clone(),
-                                limit,
-                            });
-                        }
-                        buf.extend_from_slice(&data);
-                    }
-                }
+                return Ok(Some(data));
             }
         }
     }

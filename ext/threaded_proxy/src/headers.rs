@@ -2,7 +2,7 @@
 //! framing decisions and writing the response head the client receives.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http::{HeaderMap, Method, StatusCode};
+use http::{HeaderMap, StatusCode};
 
 /// A header as it crosses the Ruby boundary: a name and raw value bytes.
 /// A list (not a map) so repeated headers such as Set-Cookie stay separate.
@@ -149,15 +149,7 @@ pub fn write_head(
     buf.put_u8(b' ');
     buf.put_slice(reason.as_bytes());
     buf.put_slice(b"\r\n");
-    for (name, value) in headers {
-        if is_framing_header(name) {
-            continue;
-        }
-        buf.put_slice(name.as_bytes());
-        buf.put_slice(b": ");
-        buf.put_slice(value);
-        buf.put_slice(b"\r\n");
-    }
+    put_headers(buf, headers);
     match framing {
         Framing::Length(n) => {
             buf.put_slice(b"content-length: ");
@@ -179,15 +171,8 @@ pub fn write_head(
     buf.put_slice(b"connection: close\r\n\r\n");
 }
 
-/// The head of a `101 Switching Protocols` (or `200` for CONNECT) that
-/// starts a tunnel: the given headers minus hop-by-hop ones, then the
-/// Upgrade and `Connection: upgrade` pair when switching protocols.
-pub fn write_switch_head(buf: &mut BytesMut, status: u16, headers: &HeaderList, upgrade: Option<&[u8]>) {
-    let reason = StatusCode::from_u16(status)
-        .ok()
-        .and_then(|s| s.canonical_reason())
-        .unwrap_or("Switching Protocols");
-    buf.put_slice(format!("HTTP/1.1 {status} {reason}\r\n").as_bytes());
+/// Writes `name: value` lines, leaving out the headers the proxy owns.
+fn put_headers(buf: &mut BytesMut, headers: &HeaderList) {
     for (name, value) in headers {
         if is_framing_header(name) {
             continue;
@@ -197,6 +182,18 @@ pub fn write_switch_head(buf: &mut BytesMut, status: u16, headers: &HeaderList, 
         buf.put_slice(value);
         buf.put_slice(b"\r\n");
     }
+}
+
+/// The head of a `101 Switching Protocols` (or `200` for CONNECT) that
+/// starts a tunnel: the given headers minus hop-by-hop ones, then the
+/// Upgrade and `Connection: upgrade` pair when switching protocols.
+pub fn write_switch_head(buf: &mut BytesMut, status: u16, headers: &HeaderList, upgrade: Option<&[u8]>) {
+    let reason = StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Switching Protocols");
+    buf.put_slice(format!("HTTP/1.1 {status} {reason}\r\n").as_bytes());
+    put_headers(buf, headers);
     if let Some(protocol) = upgrade {
         buf.put_slice(b"upgrade: ");
         buf.put_slice(protocol);
@@ -229,10 +226,6 @@ pub fn ambiguous_framing(headers: &HeaderMap) -> bool {
         && headers.contains_key(http::header::TRANSFER_ENCODING)
 }
 
-/// True when a request with this method never gets a response body.
-pub fn bodiless_method(method: &Method) -> bool {
-    method == Method::HEAD
-}
 
 #[cfg(test)]
 mod tests {
