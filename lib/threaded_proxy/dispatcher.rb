@@ -14,6 +14,12 @@ module ThreadedProxy
       @instance ||= new
     end
 
+    # Whether anyone subscribed to the threaded_proxy.fetch event.
+    def self.instrumented?
+      defined?(::ActiveSupport::Notifications) &&
+        ::ActiveSupport::Notifications.notifier.listening?("threaded_proxy.fetch")
+    end
+
     def initialize
       @mutex = Mutex.new
       @records = {}
@@ -35,6 +41,7 @@ module ThreadedProxy
     # Starts this process's callback threads if they are not running yet.
     def start
       @mutex.synchronize { start_threads unless @pid == Process.pid }
+      self
     end
 
     def pending

@@ -65,10 +65,24 @@ module ThreadedProxy
       ResponseReader.new(ours, head_only: spec[:client_head]).rack_response
     end
 
+    # An id under which the dispatcher keeps this exchange's callbacks; 0
+    # when Ruby needs to hear of it only if it fails (to log it).
     def register
-      Dispatcher.instance.register(
-        Dispatcher::Record.new(config: @config, method: @options.method, url: @options.url)
-      )
+      dispatcher = Dispatcher.instance
+      unless reported?
+        dispatcher.start # failures still come back, to be logged
+        return 0
+      end
+
+      dispatcher.register(Dispatcher::Record.new(config: @config, method: @options.method, url: @options.url))
+    end
+
+    # Whether Ruby must hear of the end of a successful exchange: for its
+    # callbacks or for a threaded_proxy.fetch subscriber.
+    def reported?
+      return @reported if defined?(@reported)
+
+      @reported = @config.any? || Dispatcher.instrumented?
     end
 
     # The client IO, or nil when this server cannot hand it over safely.
@@ -97,7 +111,7 @@ module ThreadedProxy
         on_headers: !@config[:on_headers].nil?,
         on_response: !@config[:on_response].nil?,
         on_error: !@config[:on_error].nil?,
-        finished: true,
+        finished: reported?,
         connect_timeout: @options.connect_timeout,
         header_timeout: @options.header_timeout,
         idle_timeout: @options.idle_timeout,

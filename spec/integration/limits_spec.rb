@@ -55,7 +55,8 @@ RSpec.describe "limits and stats" do
     expect(stats["rejected"]).to be >= 2
     expect(stats["failed_overload"]).to be >= 2
 
-    expect(puma.log).to include("failed (overload)").and include("max_connections_per_origin reached")
+    expect(puma.wait_for_log("max_connections_per_origin reached")).to be(true)
+    expect(puma.log).to include("failed (overload)")
     held.each(&:close)
     wait_idle
     expect(RawHTTP.request("#{puma.url}/proxy/bytes?n=10").status).to eq(200)
@@ -77,7 +78,7 @@ RSpec.describe "limits and stats" do
     stats = StatsClient.wait_for(puma) { |s| s["active"].zero? }
     expect(stats["failed_client"]).to be >= 1
     expect(stats["rss_kb"] - rss_before).to be < 20 * 1024
-    expect(puma.log).to include("client read nothing for 1s")
+    expect(puma.wait_for_log("client read nothing for 1s")).to be(true)
   ensure
     socket&.close
   end

@@ -89,6 +89,18 @@ class PumaServer
        .sort.map(&:last)
   end
 
+  # Waits (bounded) until the log contains `text`: lines written by the
+  # gem's callback threads arrive after the response did.
+  def wait_for_log(text, timeout: 10)
+    deadline = monotonic + timeout
+    until log.include?(text)
+      return false if monotonic > deadline
+
+      sleep 0.05
+    end
+    true
+  end
+
   def running?
     !@pid.nil? && reap.nil?
   end

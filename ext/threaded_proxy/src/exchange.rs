@@ -46,7 +46,8 @@ pub struct CallbackSet {
     pub on_headers: bool,
     pub on_response: bool,
     pub on_error: bool,
-    /// Send the `Finished` event (on_complete, instrumentation, cleanup).
+    /// Send the `Finished` event even on success (on_complete,
+    /// instrumentation, cleanup); failures are always sent, to be logged.
     pub finished: bool,
 }
 
@@ -150,7 +151,8 @@ fn report(proxy: &'static Proxy, id: u64, notify: bool, summary: Summary) {
             0
         }
     };
-    if notify {
+    // Failures always go to Ruby, to be logged.
+    if notify || summary.error.is_some() {
         proxy.callbacks.notify(id, CallbackEvent::Finished(summary));
     }
 }
