@@ -14,6 +14,15 @@ module ThreadedProxy
                   :shutdown_timeout, :max_buffered_body, :allowed_hosts,
                   :pool_idle_timeout, :pool_max_idle_per_host, :logger
 
+    # proxy_async (deferred delivery): the queue file (shared by the
+    # processes of a machine), attempts at once and started per second per
+    # process (rate nil = no limit), seconds per attempt, attempts before a
+    # request is dead, first retry delay (doubling, with jitter) and its cap,
+    # and the statuses that count as delivered (Range or Array of Integers
+    # and Ranges).
+    attr_accessor :async_queue_path, :async_concurrency, :async_rate, :async_timeout,
+                  :async_max_attempts, :async_backoff, :async_backoff_max, :async_success
+
     def initialize
       @max_connections = default_max_connections
       @max_connections_per_origin = @max_connections
@@ -29,6 +38,14 @@ module ThreadedProxy
       @pool_idle_timeout = 60.0
       @pool_max_idle_per_host = 64
       @logger = nil
+      @async_queue_path = "tmp/threaded_proxy_queue.sqlite3"
+      @async_concurrency = 8
+      @async_rate = nil
+      @async_timeout = 30.0
+      @async_max_attempts = 10
+      @async_backoff = 1.0
+      @async_backoff_max = 300.0
+      @async_success = 200..299
     end
 
     # Pushes the settings to the Rust side (limits take effect at once).

@@ -28,6 +28,16 @@ Rails.application.routes.draw do
   end
   # end contract specs
 
+  # async specs (spec/integration/async_spec.rb)
+  scope "/async", controller: :async, format: false do
+    post "deliver/*path", action: :deliver
+    post "deliver_string/*path", action: :deliver_string
+    get "stats", action: :stats
+    get "dead", action: :dead
+    post "requeue", action: :requeue
+  end
+  # end async specs
+
   # bench routes (bench/, rakelib/bench.rake)
   get "/bench/inline_1k", to: "bench#inline_1k"
   get "/bench/proxy/*path", to: "bench#proxy", format: false

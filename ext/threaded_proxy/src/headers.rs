@@ -226,7 +226,6 @@ pub fn ambiguous_framing(headers: &HeaderMap) -> bool {
         && headers.contains_key(http::header::TRANSFER_ENCODING)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

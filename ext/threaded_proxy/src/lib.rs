@@ -13,11 +13,13 @@
 //! - `handoff`: fd → tokio stream.
 //! - `tunnel`: two-way byte copy after a 101 or for `proxy_tunnel`.
 //! - `callbacks`: the queue between tokio tasks and Ruby callback threads.
+//! - `delivery`: `proxy_async`: the durable queue (SQLite) and its background worker.
 //! - `runtime`: the per-process runtime, rebuilt after fork; settings.
 //! - `limits`, `stats`, `errors`: admission caps, counters, the error type.
 //! - `ruby` (feature `ruby`): the magnus bindings, the only Ruby-aware code.
 
 pub mod callbacks;
+pub mod delivery;
 pub mod errors;
 pub mod exchange;
 pub mod handoff;

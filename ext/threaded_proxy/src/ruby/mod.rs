@@ -2,6 +2,7 @@
 //! point here runs on a Ruby thread holding the GVL (or releases it through
 //! `nogvl`); tokio threads never come here.
 
+mod delivery;
 mod errors;
 mod job;
 mod native;
@@ -14,5 +15,6 @@ pub fn init(ruby: &Ruby) -> Result<(), Error> {
     let native = root.define_module("Native")?;
     native::define(ruby, &native)?;
     job::define(ruby, &native)?;
+    delivery::define(ruby, &native)?;
     Ok(())
 }

@@ -1,0 +1,420 @@
+//! The delivery worker: a claim loop on the tokio runtime that starts one
+//! task per claimed row, within the concurrency cap and the rate, and the
+//! outcome rules of one attempt. Store calls go through `spawn_blocking`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use tokio::sync::Semaphore;
+
+use super::store::{ms, now_ms, Claimed, DeliveryStore, StoreResult};
+use super::{random_unit, Delivery, DeliverySettings};
+use crate::runtime;
+use crate::upstream::{self, BodySource, TlsSettings};
+
+/// What one attempt came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    /// Worth another attempt (5xx, 429, connection failure, timeout).
+    Retry {
+        error: String,
+        retry_after: Option<Duration>,
+    },
+    /// Never worth another attempt (another status).
+    Dead {
+        error: String,
+    },
+}
+
+/// What the origin answered, or why it did not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Status {
+        status: u16,
+        retry_after: Option<Duration>,
+    },
+    Failed(String),
+}
+
+pub fn outcome(settings: &DeliverySettings, answer: Answer) -> Outcome {
+    match answer {
+        Answer::Status { status, .. } if settings.is_success(status) => Outcome::Delivered,
+        Answer::Status { status, retry_after } if status == 429 || (500..=599).contains(&status) => {
+            Outcome::Retry {
+                error: format!("HTTP {status}"),
+                retry_after,
+            }
+        }
+        Answer::Status { status, .. } => Outcome::Dead {
+            error: format!("HTTP {status}"),
+        },
+        Answer::Failed(error) => Outcome::Retry {
+            error,
+            retry_after: None,
+        },
+    }
+}
+
+/// When a retryable failure after `attempts` attempts is tried again, or
+/// None when the attempts are used up.
+pub fn next_attempt_in(
+    settings: &DeliverySettings,
+    attempts: u32,
+    retry_after: Option<Duration>,
+    random: f64,
+) -> Option<Duration> {
+    if attempts >= settings.max_attempts {
+        return None;
+    }
+    let backoff = settings.backoff_after(attempts, random);
+    Some(match retry_after {
+        Some(asked) => asked.min(settings.backoff_max).max(backoff),
+        None => backoff,
+    })
+}
+
+/// Spaces attempt starts `1/rate` apart (per process).
+struct Pacer {
+    interval: Option<Duration>,
+    next: Instant,
+}
+
+impl Pacer {
+    fn new(rate: f64) -> Pacer {
+        Pacer {
+            interval: (rate > 0.0 && rate.is_finite()).then(|| Duration::from_secs_f64(1.0 / rate)),
+            next: Instant::now(),
+        }
+    }
+
+    /// The instant the next attempt may start (taken).
+    fn reserve(&mut self) -> Instant {
+        let at = self.next.max(Instant::now());
+        if let Some(interval) = self.interval {
+            self.next = at + interval;
+        }
+        at
+    }
+
+    /// Gives back a slot that found nothing to send.
+    fn unreserve(&mut self, at: Instant) {
+        self.next = at;
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    store: &Arc<dyn DeliveryStore>,
+    f: impl FnOnce(&dyn DeliveryStore) -> StoreResult<T> + Send + 'static,
+) -> StoreResult<T> {
+    let store = store.clone();
+    match tokio::task::spawn_blocking(move || f(store.as_ref())).await {
+        Ok(result) => result,
+        Err(join) => Err(super::store::StoreError::Corrupt(format!(
+            "store task failed: {join}"
+        ))),
+    }
+}
+
+/// Whether `pid` is a live process on this machine (a zombie is not).
+pub fn process_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    let Ok(pid_t) = i32::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 only checks that the process exists.
+    let exists = unsafe { libc::kill(pid_t, 0) } == 0
+        || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    if !exists {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !matches!(
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next()),
+            Some('Z') | Some('X')
+        ),
+        Err(_) => true,
+    }
+}
+
+fn log_store_error(what: &str, err: &super::store::StoreError) {
+    eprintln!("threaded-proxy: deferred delivery: {what}: {err}");
+}
+
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// The claim loop; ends when the service stops claiming.
+pub async fn run(delivery: &'static Delivery) {
+    let settings = &delivery.settings;
+    let permits = Arc::new(Semaphore::new(settings.concurrency.max(1)));
+    let mut pacer = Pacer::new(settings.rate);
+    let mut next_sweep = Instant::now();
+    let lease = settings.timeout + settings.lease_margin;
+    while delivery.claiming() {
+        if Instant::now() >= next_sweep {
+            next_sweep = Instant::now() + SWEEP_EVERY;
+            if let Err(e) = blocking(&delivery.store, |s| s.recover(now_ms(), &process_alive)).await {
+                log_store_error("recovering expired claims", &e);
+            }
+        }
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            _ = delivery.wake.notified() => continue,
+        };
+        let at = pacer.reserve();
+        if at > Instant::now() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(at.into()) => {}
+                _ = delivery.wake.notified() => {
+                    pacer.unreserve(at);
+                    continue;
+                }
+            }
+        }
+        if !delivery.claiming() {
+            break;
+        }
+        let pid = delivery.pid;
+        let claimed = blocking(&delivery.store, move |s| {
+            let now = now_ms();
+            if !s.has_due(now)? {
+                return Ok(Vec::new());
+            }
+            s.claim(pid, 1, now, now + ms(lease))
+        })
+        .await;
+        let claimed = match claimed {
+            Ok(claimed) => claimed,
+            Err(e) => {
+                log_store_error("claiming", &e);
+                Vec::new()
+            }
+        };
+        if claimed.is_empty() {
+            pacer.unreserve(at);
+            drop(permit);
+            // Sleep until the next retry is due or the poll interval passes
+            // (rows enqueued by other processes), unless woken.
+            let next_due = blocking(&delivery.store, |s| s.next_due()).await.ok().flatten();
+            let mut wait = settings.poll_interval;
+            if let Some(due) = next_due {
+                wait = wait.min(Duration::from_millis(due.saturating_sub(now_ms()).max(0) as u64));
+            }
+            // At least a moment, so a failing store is not polled in a loop.
+            let wait = wait
+                .min(next_sweep.saturating_duration_since(Instant::now()))
+                .max(Duration::from_millis(5));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = delivery.wake.notified() => {}
+            }
+            continue;
+        }
+        // A claim takes one row: the loop's permit moves to its attempt.
+        if let Some(row) = claimed.into_iter().next() {
+            let guard = delivery.in_flight.enter();
+            tokio::spawn(async move {
+                let _guard = guard;
+                let _permit = permit;
+                attempt(delivery, row).await;
+            });
+        }
+    }
+}
+
+async fn attempt(delivery: &'static Delivery, row: Claimed) {
+    let mut cancelled = delivery.cancelled();
+    let id = row.id;
+    let attempts = row.attempts;
+    let answer = tokio::select! {
+        answer = send(&delivery.settings, row) => answer,
+        _ = async { drop(cancelled.wait_for(|cut| *cut).await) } => {
+            let pid = delivery.pid;
+            match blocking(&delivery.store, move |s| s.release(pid, Some(&[id]))).await {
+                Ok(rows) => delivery.note_released(rows),
+                Err(e) => log_store_error("releasing a cut attempt", &e),
+            }
+            return;
+        }
+    };
+    let settings = &delivery.settings;
+    let pid = delivery.pid;
+    let result = match outcome(settings, answer) {
+        Outcome::Delivered => blocking(&delivery.store, move |s| s.complete(id, pid)).await,
+        Outcome::Dead { error } => blocking(&delivery.store, move |s| s.kill(id, pid, &error)).await,
+        Outcome::Retry { error, retry_after } => {
+            match next_attempt_in(settings, attempts, retry_after, random_unit()) {
+                Some(wait) => {
+                    let at = now_ms() + ms(wait);
+                    let result = blocking(&delivery.store, move |s| s.retry(id, pid, at, &error)).await;
+                    delivery.wake();
+                    result
+                }
+                None => {
+                    let error = format!("{error} (after {attempts} attempts)");
+                    blocking(&delivery.store, move |s| s.kill(id, pid, &error)).await
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        log_store_error("recording an attempt", &e);
+    }
+}
+
+/// Sends the request once, bounded by `settings.timeout` as a whole.
+pub async fn send(settings: &DeliverySettings, row: Claimed) -> Answer {
+    let deadline = tokio::time::Instant::now() + settings.timeout;
+    let url = row.url.clone();
+    let request = match build_request(row) {
+        Ok(request) => request,
+        Err(error) => return Answer::Failed(error),
+    };
+    let client = match runtime::current().and_then(|proxy| {
+        proxy
+            .upstream
+            .client(&TlsSettings::default(), settings.connect_timeout, &url)
+    }) {
+        Ok(client) => client,
+        Err(e) => return Answer::Failed(e.to_string()),
+    };
+    let response = match tokio::time::timeout_at(deadline, client.request(request)).await {
+        Err(_) => return Answer::Failed(format!("timed out after {:?}", settings.timeout)),
+        Ok(Err(e)) => return Answer::Failed(upstream::classify(&e, &url).to_string()),
+        Ok(Ok(response)) => response,
+    };
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    // The status decides; the body is read (and dropped) so the connection
+    // can go back to the pool, within what is left of the timeout.
+    let mut body = response.into_body();
+    let _ = tokio::time::timeout_at(deadline, async {
+        while let Some(frame) = body.frame().await {
+            if frame.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    Answer::Status { status, retry_after }
+}
+
+fn build_request(row: Claimed) -> Result<http::Request<upstream::RequestBody>, String> {
+    let method = http::Method::from_bytes(row.method.as_bytes()).map_err(|e| format!("bad method: {e}"))?;
+    let mut builder = http::Request::builder().method(method).uri(&row.url);
+    for (name, value) in &row.headers {
+        let name = http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|e| format!("bad header name {name:?}: {e}"))?;
+        let value =
+            http::HeaderValue::from_bytes(value).map_err(|e| format!("bad header value for {name}: {e}"))?;
+        builder = builder.header(name, value);
+    }
+    let body = if row.body.is_empty() {
+        BodySource::Empty
+    } else {
+        BodySource::Bytes(Bytes::from(row.body))
+    };
+    builder
+        .body(body.into_body().map_err(|e| e.to_string())?)
+        .map_err(|e| format!("bad request: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> DeliverySettings {
+        DeliverySettings {
+            max_attempts: 3,
+            backoff: Duration::from_secs(2),
+            backoff_max: Duration::from_secs(60),
+            ..DeliverySettings::default()
+        }
+    }
+
+    #[test]
+    fn outcomes() {
+        let s = settings();
+        let status = |status| Answer::Status {
+            status,
+            retry_after: None,
+        };
+        assert_eq!(outcome(&s, status(200)), Outcome::Delivered);
+        assert_eq!(outcome(&s, status(204)), Outcome::Delivered);
+        assert!(matches!(outcome(&s, status(503)), Outcome::Retry { .. }));
+        assert!(matches!(outcome(&s, status(429)), Outcome::Retry { .. }));
+        assert_eq!(
+            outcome(&s, status(400)),
+            Outcome::Dead {
+                error: "HTTP 400".into()
+            }
+        );
+        assert!(matches!(outcome(&s, status(301)), Outcome::Dead { .. }));
+        assert!(matches!(
+            outcome(&s, Answer::Failed("refused".into())),
+            Outcome::Retry { .. }
+        ));
+    }
+
+    #[test]
+    fn retries_stop_at_max_attempts_and_honour_retry_after() {
+        let s = settings();
+        assert_eq!(next_attempt_in(&s, 1, None, 1.0), Some(Duration::from_secs(2)));
+        assert_eq!(next_attempt_in(&s, 2, None, 0.0), Some(Duration::from_secs(2)));
+        assert_eq!(next_attempt_in(&s, 3, None, 0.0), None);
+        assert_eq!(
+            next_attempt_in(&s, 1, Some(Duration::from_secs(30)), 0.0),
+            Some(Duration::from_secs(30))
+        );
+        // Retry-After is capped by backoff_max, never shortens the backoff.
+        assert_eq!(
+            next_attempt_in(&s, 1, Some(Duration::from_secs(999)), 0.0),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            next_attempt_in(&s, 2, Some(Duration::from_millis(1)), 1.0),
+            Some(Duration::from_secs(4))
+        );
+    }
+
+    #[test]
+    fn pacer_spaces_slots_and_gives_back_unused_ones() {
+        let mut pacer = Pacer::new(10.0);
+        let first = pacer.reserve();
+        let second = pacer.reserve();
+        assert!(second.duration_since(first) >= Duration::from_millis(99));
+        pacer.unreserve(second);
+        assert_eq!(pacer.next, second);
+        let mut free = Pacer::new(0.0);
+        let a = free.reserve();
+        assert!(free.reserve().duration_since(a) < Duration::from_millis(50));
+    }
+
+    #[test]
+    fn liveness() {
+        assert!(process_alive(std::process::id()));
+        assert!(!process_alive(u32::MAX));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Exited but not reaped: a zombie counts as dead.
+        while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z")) {
+            std::thread::yield_now();
+        }
+        assert!(!process_alive(pid));
+        child.wait().unwrap();
+        assert!(!process_alive(pid));
+    }
+}

@@ -1,0 +1,261 @@
+//! `ThreadedProxy::Native.async_*`: deferred delivery (`proxy_async`).
+//! Arguments are parsed under the GVL; every store call (SQLite: file I/O
+//! and lock waits) runs with the GVL released.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use magnus::value::ReprValue;
+use magnus::{Error, RArray, RHash, Ruby, Symbol, TryConvert, Value};
+
+use super::errors;
+use super::job::parse_headers;
+use super::nogvl::{guard, nogvl};
+use crate::delivery::store::{now_ms, BodyInput, NewDelivery, StoreError, StoreResult};
+use crate::delivery::{self, Delivery, DeliverySettings};
+use crate::handoff;
+
+fn opt<T: TryConvert>(ruby: &Ruby, hash: RHash, name: &str) -> Result<Option<T>, Error> {
+    hash.lookup::<Symbol, Option<T>>(ruby.to_symbol(name))
+}
+
+fn store_error(ruby: &Ruby, err: impl std::fmt::Display) -> Error {
+    Error::new(
+        ruby.exception_io_error(),
+        format!("threaded-proxy deferred delivery: {err}"),
+    )
+}
+
+fn running(ruby: &Ruby) -> Result<&'static Delivery, Error> {
+    delivery::existing().ok_or_else(|| {
+        Error::new(
+            ruby.exception_runtime_error(),
+            "deferred delivery is not started in this process (ThreadedProxy.async_start)",
+        )
+    })
+}
+
+/// Runs a store call without the GVL. SQLite waits are bounded by its busy
+/// timeout, so the unblocking function has nothing to wake; an interrupt
+/// that was pending before the call makes it not run at all.
+fn without_gvl<T: Send>(ruby: &Ruby, work: impl FnOnce() -> StoreResult<T> + Send) -> Result<T, Error> {
+    match nogvl(ruby, work, || {})? {
+        Some(result) => result.map_err(|e: StoreError| store_error(ruby, e)),
+        None => Err(Error::new(
+            ruby.exception_interrupt(),
+            "interrupted before the delivery queue was reached",
+        )),
+    }
+}
+
+fn settings(ruby: &Ruby, options: RHash) -> Result<DeliverySettings, Error> {
+    let defaults = DeliverySettings::default();
+    let duration = |name: &str, default: Duration| -> Result<Duration, Error> {
+        match opt::<f64>(ruby, options, name)? {
+            Some(secs) => Duration::try_from_secs_f64(secs)
+                .map_err(|_| errors::argument_error(ruby, format!("{name} must be a positive number"))),
+            None => Ok(default),
+        }
+    };
+    let success = match opt::<RArray>(ruby, options, "success")? {
+        None => defaults.success.clone(),
+        Some(list) => {
+            let mut ranges = Vec::with_capacity(list.len());
+            for pair in list.into_iter() {
+                let pair = RArray::try_convert(pair)?;
+                let low: u16 = pair.entry(0)?;
+                let high: u16 = pair.entry(1)?;
+                ranges.push(low..=high);
+            }
+            ranges
+        }
+    };
+    Ok(DeliverySettings {
+        path: PathBuf::from(
+            opt::<String>(ruby, options, "path")?.unwrap_or_else(|| defaults.path.display().to_string()),
+        ),
+        concurrency: opt(ruby, options, "concurrency")?.unwrap_or(defaults.concurrency),
+        rate: opt(ruby, options, "rate")?.unwrap_or(defaults.rate),
+        timeout: duration("timeout", defaults.timeout)?,
+        connect_timeout: duration("connect_timeout", defaults.connect_timeout)?,
+        max_attempts: opt(ruby, options, "max_attempts")?.unwrap_or(defaults.max_attempts),
+        backoff: duration("backoff", defaults.backoff)?,
+        backoff_max: duration("backoff_max", defaults.backoff_max)?,
+        success,
+        lease_margin: duration("lease_margin", defaults.lease_margin)?,
+        poll_interval: duration("poll_interval", defaults.poll_interval)?,
+    })
+}
+
+/// Starts this process's delivery service (opens the store, spawns the
+/// worker); a no-op when it runs already. Returns the pid.
+fn async_start(ruby: &Ruby, options: RHash) -> Result<u32, Error> {
+    guard(|| {
+        let settings = settings(ruby, options)?;
+        if let Some(running) = delivery::existing() {
+            if running.settings.path == settings.path {
+                return Ok(running.pid);
+            }
+        }
+        // Opening creates the schema (a write): no GVL held meanwhile.
+        let started = nogvl(ruby, move || delivery::start(settings).map(|d| d.pid), || {})?;
+        match started {
+            Some(Ok(pid)) => Ok(pid),
+            Some(Err(e)) => Err(store_error(ruby, e)),
+            None => Err(Error::new(
+                ruby.exception_interrupt(),
+                "interrupted while starting deferred delivery",
+            )),
+        }
+    })
+}
+
+fn async_running() -> bool {
+    delivery::existing().is_some()
+}
+
+/// Stores one request durably (committed when this returns); its id. A
+/// `body_fd` (Puma's Tempfile) is duplicated here, under the GVL, and
+/// copied into the database without it.
+fn async_enqueue(ruby: &Ruby, spec: RHash) -> Result<i64, Error> {
+    guard(|| {
+        let delivery = running(ruby)?;
+        let method: String = spec.fetch(ruby.to_symbol("method"))?;
+        let url: String = spec.fetch(ruby.to_symbol("url"))?;
+        url.parse::<http::Uri>()
+            .map_err(|e| errors::argument_error(ruby, format!("invalid URL {url:?}: {e}")))?;
+        let headers = parse_headers(ruby, spec.fetch(ruby.to_symbol("headers"))?)?
+            .into_iter()
+            .map(|(name, value)| (name, value.to_vec()))
+            .collect();
+        let body = match opt::<i32>(ruby, spec, "body_fd")? {
+            Some(fd) => {
+                let owned = handoff::duplicate(fd).map_err(|e| {
+                    Error::new(
+                        ruby.exception_io_error(),
+                        format!("cannot duplicate body fd: {e}"),
+                    )
+                })?;
+                BodyInput::File {
+                    file: std::fs::File::from(owned),
+                    offset: opt::<u64>(ruby, spec, "body_offset")?.unwrap_or(0),
+                }
+            }
+            None => match opt::<Value>(ruby, spec, "body")? {
+                Some(value) if !value.is_nil() => {
+                    BodyInput::Bytes(bytes::Bytes::try_convert(value)?.to_vec())
+                }
+                _ => BodyInput::Empty,
+            },
+        };
+        let new = NewDelivery {
+            method,
+            url,
+            headers,
+            body,
+        };
+        let store = delivery.store.clone();
+        let id = without_gvl(ruby, move || store.enqueue(new))?;
+        delivery.wake();
+        Ok(id)
+    })
+}
+
+fn async_stats(ruby: &Ruby) -> Result<RHash, Error> {
+    guard(|| {
+        let delivery = running(ruby)?;
+        let store = delivery.store.clone();
+        let stats = without_gvl(ruby, move || store.stats())?;
+        let hash = ruby.hash_new();
+        hash.aset(ruby.to_symbol("queued"), stats.queued)?;
+        hash.aset(ruby.to_symbol("in_flight"), stats.in_flight)?;
+        hash.aset(ruby.to_symbol("delivered"), stats.delivered)?;
+        hash.aset(ruby.to_symbol("retrying"), stats.retrying)?;
+        hash.aset(ruby.to_symbol("dead"), stats.dead)?;
+        hash.aset(ruby.to_symbol("running_here"), delivery.in_flight.count())?;
+        Ok(hash)
+    })
+}
+
+fn async_dead(ruby: &Ruby, limit: usize) -> Result<RArray, Error> {
+    guard(|| {
+        let delivery = running(ruby)?;
+        let store = delivery.store.clone();
+        let rows = without_gvl(ruby, move || store.dead(limit))?;
+        let list = ruby.ary_new_capa(rows.len());
+        for row in rows {
+            let hash = ruby.hash_new();
+            hash.aset(ruby.to_symbol("id"), row.id)?;
+            hash.aset(ruby.to_symbol("method"), row.method)?;
+            hash.aset(ruby.to_symbol("url"), row.url)?;
+            hash.aset(ruby.to_symbol("attempts"), row.attempts)?;
+            hash.aset(ruby.to_symbol("last_error"), row.last_error)?;
+            list.push(hash)?;
+        }
+        Ok(list)
+    })
+}
+
+/// Dead rows back to the queue: one id, or all with nil. The count.
+fn async_requeue(ruby: &Ruby, id: Option<i64>) -> Result<usize, Error> {
+    guard(|| {
+        let delivery = running(ruby)?;
+        let store = delivery.store.clone();
+        let count = without_gvl(ruby, move || store.requeue(id, now_ms()))?;
+        delivery.wake();
+        Ok(count)
+    })
+}
+
+/// Stops claiming rows in this process (shutdown's first step).
+fn async_stop_claiming() {
+    if let Some(delivery) = delivery::existing() {
+        delivery.stop_claiming();
+    }
+}
+
+/// Waits up to `timeout` seconds, GVL released, for running attempts to
+/// end; true when none is left (returns early on a Ruby interrupt).
+fn async_wait_idle(ruby: &Ruby, timeout: f64) -> Result<bool, Error> {
+    guard(|| {
+        let Some(delivery) = delivery::existing() else {
+            return Ok(true);
+        };
+        let deadline = Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
+        let interrupted = AtomicBool::new(false);
+        let in_flight = &delivery.in_flight;
+        Ok(nogvl(
+            ruby,
+            || in_flight.wait_idle(deadline, &interrupted),
+            || in_flight.interrupt(&interrupted),
+        )?
+        .unwrap_or(false))
+    })
+}
+
+/// Cuts running attempts and returns every row this process claims to the
+/// queue; the number of rows returned.
+fn async_abandon(ruby: &Ruby) -> Result<u64, Error> {
+    guard(|| {
+        let Some(delivery) = delivery::existing() else {
+            return Ok(0);
+        };
+        without_gvl(ruby, move || delivery.abandon())
+    })
+}
+
+pub fn define(ruby: &Ruby, native: &magnus::RModule) -> Result<(), Error> {
+    use magnus::function;
+    native.define_module_function("async_start", function!(async_start, 1))?;
+    native.define_module_function("async_running?", function!(async_running, 0))?;
+    native.define_module_function("async_enqueue", function!(async_enqueue, 1))?;
+    native.define_module_function("async_stats", function!(async_stats, 0))?;
+    native.define_module_function("async_dead", function!(async_dead, 1))?;
+    native.define_module_function("async_requeue", function!(async_requeue, 1))?;
+    native.define_module_function("async_stop_claiming", function!(async_stop_claiming, 0))?;
+    native.define_module_function("async_wait_idle", function!(async_wait_idle, 1))?;
+    native.define_module_function("async_abandon", function!(async_abandon, 0))?;
+    let _ = ruby;
+    Ok(())
+}

@@ -1,0 +1,201 @@
+# frozen_string_literal: true
+
+module ThreadedProxy
+  # Deferred delivery: `proxy_async` stores the request durably (an SQLite
+  # file shared by the processes of a machine), the action answers its
+  # client, and the Rust runtime delivers in the background with the
+  # async_* settings (concurrency, rate, timeout, retries with backoff).
+  module Async
+    KNOWN = %i[method headers body respond_with].freeze
+    # Request headers never stored: they describe the client's connection
+    # or are computed again for the delivery.
+    NOT_STORED = (Options::HOP_BY_HOP + %w[host content-length expect]).freeze
+
+    # include ThreadedProxy::Async::Controller (ThreadedProxy::Controller
+    # includes it) for proxy_async.
+    module Controller
+      # Stores this request for `url` and answers `respond_with` (an empty
+      # body) once it is on disk; returns the queue id.
+      #
+      #   proxy_async "http://hooks.internal/events", headers: { "Authorization" => token }
+      def proxy_async(url, **options)
+        id, status = Async.enqueue(request.env, url, options)
+        head status
+        id
+      end
+    end
+
+    class << self
+      # [id, status to answer] for a request taken from `env`.
+      def enqueue(env, url, options)
+        options = options.transform_keys(&:to_sym)
+        unknown = options.keys - KNOWN
+        raise ArgumentError, "unknown option#{"s" if unknown.size > 1} #{unknown.map(&:inspect).join(", ")} (known: #{KNOWN.join(", ")})" if unknown.any?
+
+        status = options.fetch(:respond_with, 202)
+        raise ArgumentError, "respond_with must be an Integer status (100..599)" unless status.is_a?(Integer) && (100..599).cover?(status)
+
+        checked = Options.new(url, { method: options.fetch(:method, :post), headers: options.fetch(:headers, {}),
+                                     body: options.fetch(:body, :rack) })
+        spec = { method: checked.method, url: checked.url, headers: headers(env, checked) }.merge(body(env, checked.body))
+        start
+        [Native.async_enqueue(spec), status]
+      end
+
+      # Starts delivering in this process (idempotent; again after fork).
+      # With preload_app!, call it in Puma's on_worker_boot so workers, not
+      # the master, deliver.
+      def start
+        Native.async_start(settings) unless Native.async_running?
+        true
+      end
+
+      def settings
+        c = ThreadedProxy.configuration
+        rate = c.async_rate.nil? ? 0.0 : Float(c.async_rate)
+        {
+          path: File.expand_path(c.async_queue_path.to_s),
+          concurrency: positive_integer(:async_concurrency, c.async_concurrency),
+          rate: rate.negative? ? 0.0 : rate,
+          timeout: positive(:async_timeout, c.async_timeout),
+          connect_timeout: [positive(:connect_timeout, c.connect_timeout), positive(:async_timeout, c.async_timeout)].min,
+          max_attempts: positive_integer(:async_max_attempts, c.async_max_attempts),
+          backoff: positive(:async_backoff, c.async_backoff),
+          backoff_max: positive(:async_backoff_max, c.async_backoff_max),
+          success: success_ranges(c.async_success)
+        }
+      end
+
+      # Stops claiming, lets running attempts end until `deadline`, then
+      # gives what is left back to the queue. True when nothing was cut.
+      def shutdown(deadline)
+        return true unless Native.async_running?
+
+        Native.async_stop_claiming
+        drained = wait_idle(deadline)
+        returned = Native.async_abandon
+        if returned.positive?
+          message = "threaded-proxy: deferred delivery stopped; #{returned} unfinished request(s) returned to the queue"
+          (logger = ThreadedProxy.configuration.logger_or_default) ? logger.warn(message) : warn(message)
+        end
+        drained
+      end
+
+      private
+
+      def headers(env, checked)
+        pairs = []
+        if checked.body == :rack && env["CONTENT_TYPE"] && !env["CONTENT_TYPE"].empty?
+          pairs << ["Content-Type", env["CONTENT_TYPE"]]
+        end
+        own = checked.headers.reject { |name, _| NOT_STORED.include?(name.to_s.downcase) }
+        names = own.map { |name, _| name.to_s.downcase }
+        pairs.reject { |name, _| names.include?(name.downcase) } + own
+      end
+
+      # The body as Rust wants it, taken now: Puma closes and unlinks
+      # rack.input's Tempfile once the action returns. A file goes as its fd
+      # (Rust copies it into the queue without the GVL).
+      def body(env, body)
+        rack = body == :rack
+        body = env["rack.input"] if rack
+        case body
+        when nil then {}
+        when String then { body: body.b }
+        else
+          file = file_of(body)
+          if file
+            { body_fd: file.fileno, body_offset: rack ? 0 : file.pos }
+          else
+            body.rewind if rack && body.respond_to?(:rewind)
+            data = body.read
+            data.nil? || data.empty? ? {} : { body: data.b }
+          end
+        end
+      end
+
+      def file_of(io)
+        return io if io.is_a?(File)
+        return io.__getobj__ if defined?(Tempfile) && io.is_a?(Tempfile) && io.__getobj__.is_a?(File)
+
+        nil
+      end
+
+      def wait_idle(deadline)
+        loop do
+          left = deadline - Process.clock_gettime(Process::CLOCK_MONOTONIC)
+          return true if Native.async_wait_idle([left, 0].max)
+          return false if left <= 0
+
+          sleep 0.01 # interrupted: let Ruby handle it, then wait again
+        end
+      end
+
+      def positive(name, value)
+        raise ArgumentError, "#{name} must be a positive number" unless value.is_a?(Numeric) && value.positive?
+
+        Float(value)
+      end
+
+      def positive_integer(name, value)
+        raise ArgumentError, "#{name} must be a positive Integer" unless value.is_a?(Integer) && value.positive?
+
+        value
+      end
+
+      def success_ranges(value)
+        Array(value.is_a?(Range) ? [value] : value).map do |entry|
+          case entry
+          when Integer then [entry, entry]
+          when Range
+            raise ArgumentError, "async_success ranges must be of Integers" unless entry.begin.is_a?(Integer) && entry.end.is_a?(Integer)
+
+            [entry.begin, entry.exclude_end? ? entry.end - 1 : entry.end]
+          else raise ArgumentError, "async_success must be an Integer, a Range or an Array of them"
+          end
+        end
+      end
+    end
+
+    # ThreadedProxy.shutdown (at exit) also stops deferred delivery: no new
+    # claims, running attempts finish within the same shutdown_timeout, the
+    # rest go back to the queue for the next process.
+    module Shutdown
+      def shutdown(timeout = configuration.shutdown_timeout)
+        deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout.to_f
+        Native.async_stop_claiming
+        drained = super
+        Async.shutdown(deadline) && drained
+      end
+    end
+  end
+
+  class << self
+    prepend Async::Shutdown
+
+    # Starts deferred delivery in this process now (else on first use).
+    def async_start
+      Async.start
+    end
+
+    # Machine-wide counts: { queued:, in_flight:, delivered:, retrying:, dead: }
+    # (plus running_here: attempts running in this process).
+    def async_stats
+      Async.start
+      Native.async_stats
+    end
+
+    # Requests that will not be tried again: [{ id:, method:, url:, attempts:, last_error: }].
+    def async_dead(limit: 1000)
+      Async.start
+      Native.async_dead(Integer(limit))
+    end
+
+    # Puts a dead request (by id) or all of them (:all) back in the queue
+    # with a fresh attempt count; the number requeued.
+    def async_requeue(id_or_all)
+      Async.start
+      Native.async_requeue(id_or_all == :all ? nil : Integer(id_or_all))
+    end
+  end
+end

@@ -1,0 +1,54 @@
+# frozen_string_literal: true
+
+require_relative "origin_server"
+
+# An OriginServer for the proxy_async specs that can listen on a port chosen
+# beforehand (to bring an origin up where deliveries have been failing) and
+# notes the monotonic time each request arrived (for the rate spec).
+class AsyncOrigin < OriginServer
+  # A free port on 127.0.0.1, closed again: nothing listens there until an
+  # AsyncOrigin is started on it.
+  def self.reserve_port
+    server = TCPServer.new("127.0.0.1", 0)
+    server.addr[1]
+  ensure
+    server&.close
+  end
+
+  def initialize(port: 0)
+    super()
+    @fixed_port = port
+    @arrivals = []
+  end
+
+  def start
+    @mon.synchronize do
+      raise "OriginServer already started" if @started
+
+      @started = true
+    end
+    @listener = TCPServer.new("127.0.0.1", @fixed_port)
+    @port = @listener.addr[1]
+    @accept_thread = Thread.new { accept_loop }
+    @accept_thread.report_on_exception = false
+    self
+  end
+
+  # Monotonic arrival times (request fully read), oldest first.
+  def arrivals
+    @mon.synchronize { @arrivals.dup }
+  end
+
+  # The X-Tag header of every recorded request, repeats kept.
+  def tags
+    requests.filter_map { |r| r[:headers]["x-tag"]&.first }
+  end
+
+  private
+
+  def read_request(conn)
+    request = super
+    changed { @arrivals << monotonic } if request
+    request
+  end
+end
