@@ -14,6 +14,9 @@ require "socket"
 module Bench
   ROOT = File.expand_path("..", __dir__)
   WORK = File.join(ROOT, "tmp", "bench")
+  # Logs, nginx's prefix and the driver's output of this run: two runs at
+  # once (two engineers) must not read each other's files.
+  RUN_DIR = File.join(WORK, "run-#{Process.pid}")
   RELEASE = File.join(ROOT, "target", "release")
   ORIGIN_BIN = File.join(RELEASE, "bench-origin")
   LOADGEN_BIN = File.join(RELEASE, "bench-loadgen")
@@ -115,7 +118,7 @@ module Bench
 
     attr_reader :name, :pid, :log_path
 
-    def initialize(name, argv, env: {}, chdir: ROOT, log_path: File.join(WORK, "#{name}.log"))
+    def initialize(name, argv, env: {}, chdir: ROOT, log_path: File.join(RUN_DIR, "#{name}.log"))
       @name = name
       @argv = argv
       @env = env
@@ -228,7 +231,7 @@ module Bench
     def initialize(origin_port, workers: 2)
       @origin_port = origin_port
       @workers = workers
-      @prefix = File.join(WORK, "nginx")
+      @prefix = File.join(RUN_DIR, "nginx")
     end
 
     def start
@@ -387,8 +390,8 @@ module Bench
           argv << item.to_s unless item == true
         end
       end
-      out_path = File.join(WORK, "loadgen.out")
-      log_path = File.join(WORK, "loadgen-#{mode}.log")
+      out_path = File.join(RUN_DIR, "loadgen.out")
+      log_path = File.join(RUN_DIR, "loadgen-#{mode}.log")
       child = Child.new("loadgen", ["sh", "-c", "exec \"$@\" >#{Shellwords.escape(out_path)}", "sh", *argv],
                         log_path: log_path).start
       begin

@@ -36,6 +36,16 @@ module Bench
     nil
   end
 
+  # Run directories of runs that are over (their rake process is gone).
+  def remove_stale_run_dirs
+    Dir.glob(File.join(WORK, "run-*")).each do |dir|
+      pid = Integer(dir[/run-(\d+)\z/, 1] || 0)
+      next if pid == Process.pid || (pid.positive? && File.exist?("/proc/#{pid}"))
+
+      FileUtils.rm_rf(dir)
+    end
+  end
+
   # Runs the scenarios (all, or one by name or number), prints the report
   # and writes it, with the raw results, under tmp/bench/.
   def run(only: nil, command: "bundle exec rake bench")
@@ -43,7 +53,8 @@ module Bench
     unknown = names - Scenarios::NAMES
     raise ArgumentError, "unknown scenario #{unknown.first}: #{Scenarios::NAMES.join(", ")}" unless unknown.empty?
 
-    FileUtils.mkdir_p(WORK)
+    FileUtils.mkdir_p(RUN_DIR)
+    remove_stale_run_dirs
     [ORIGIN_BIN, LOADGEN_BIN].each { |bin| raise Error, "#{bin} missing: cargo build --release" unless File.executable?(bin) }
     nginx_problem = ensure_nginx
     warn "bench: #{nginx_problem}; nginx rows are skipped" if nginx_problem
@@ -73,7 +84,7 @@ module Bench
     File.write(File.join(WORK, "results-#{stamp}.json"), JSON.pretty_generate(results))
     File.write(File.join(WORK, "latest.md"), "#{markdown}\n")
     puts markdown
-    puts "", "(written to tmp/bench/latest.md and tmp/bench/results-#{stamp}.json)"
+    puts "", "(written to tmp/bench/latest.md and tmp/bench/results-#{stamp}.json; logs in #{RUN_DIR.delete_prefix("#{ROOT}/")})"
     failed = results["scenarios"].select { |_, r| r.is_a?(Hash) && r["error"] }.keys
     raise Error, "scenarios failed: #{failed.join(", ")}" unless failed.empty?
 

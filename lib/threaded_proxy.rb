@@ -26,10 +26,20 @@ module ThreadedProxy
       @configuration ||= Configuration.new
     end
 
+    # Hands the configuration to Rust once, before the first exchange, so
+    # its documented defaults apply even if `configure` was never called.
+    def ensure_configured
+      return if @configured
+
+      configuration.apply!
+      @configured = true
+    end
+
     # ThreadedProxy.configure { |c| c.max_connections = 2_000 }
     def configure
       yield configuration
       configuration.apply!
+      @configured = true
       configuration
     end
 
@@ -41,6 +51,7 @@ module ThreadedProxy
     # Starts the runtime and the callback threads now instead of on the first
     # exchange. Safe before fork: a forked child builds its own.
     def start
+      ensure_configured
       Native.start_runtime
       Dispatcher.instance.start
       self

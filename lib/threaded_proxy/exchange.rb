@@ -26,6 +26,7 @@ module ThreadedProxy
 
     # Starts the exchange; returns the Rack response for the app to return.
     def start
+      ThreadedProxy.ensure_configured
       spec = native_spec
       io = hijack
       return start_on_socket(io, spec) if io

@@ -30,3 +30,12 @@ RSpec.describe ThreadedProxy::Configuration do
     ThreadedProxy.configure { |c| c.connect_timeout = original }
   end
 end
+
+RSpec.describe "ThreadedProxy.ensure_configured" do
+  it "pushes the Ruby defaults to Rust before the first exchange, once" do
+    ThreadedProxy.instance_variable_set(:@configured, nil)
+    expect(ThreadedProxy::Native).to receive(:configure).once.and_call_original
+    ThreadedProxy.ensure_configured
+    ThreadedProxy.ensure_configured
+  end
+end
