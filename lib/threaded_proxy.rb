@@ -6,6 +6,7 @@ require_relative "threaded_proxy/native"
 require_relative "threaded_proxy/configuration"
 require_relative "threaded_proxy/options"
 require_relative "threaded_proxy/tunnel_options"
+require_relative "threaded_proxy/request_body"
 require_relative "threaded_proxy/config"
 require_relative "threaded_proxy/response"
 require_relative "threaded_proxy/responder"
@@ -84,19 +85,24 @@ module ThreadedProxy
       drained
     end
 
-    private
-
-    # Native.wait_idle returns early when Ruby has an interrupt pending (as
-    # it often does at exit, after a signal): wait again until the deadline.
-    def wait_idle(seconds)
-      deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + seconds
+    # Calls the block (a native wait taking the seconds left) until it
+    # answers true or the monotonic `deadline` passes. Native waits return
+    # early when Ruby has an interrupt pending (as it often does at exit,
+    # after a signal): Ruby handles it, then we wait again.
+    def wait_interruptibly(deadline)
       loop do
         left = deadline - Process.clock_gettime(Process::CLOCK_MONOTONIC)
-        return true if Native.wait_idle([left, 0].max)
+        return true if yield([left, 0].max)
         return false if left <= 0
 
-        sleep 0.01 # interrupted: let Ruby handle it, then wait again
+        sleep 0.01
       end
+    end
+
+    private
+
+    def wait_idle(seconds)
+      wait_interruptibly(Process.clock_gettime(Process::CLOCK_MONOTONIC) + seconds) { |left| Native.wait_idle(left) }
     end
   end
 end

@@ -93,42 +93,13 @@ module ThreadedProxy
         pairs.reject { |name, _| names.include?(name.downcase) } + own
       end
 
-      # The body as Rust wants it, taken now: Puma closes and unlinks
-      # rack.input's Tempfile once the action returns. A file goes as its fd
-      # (Rust copies it into the queue without the GVL).
+      # A file goes as its fd: Rust copies it into the queue without the GVL.
       def body(env, body)
-        rack = body == :rack
-        body = env["rack.input"] if rack
-        case body
-        when nil then {}
-        when String then { body: body.b }
-        else
-          file = file_of(body)
-          if file
-            { body_fd: file.fileno, body_offset: rack ? 0 : file.pos }
-          else
-            body.rewind if rack && body.respond_to?(:rewind)
-            data = body.read
-            data.nil? || data.empty? ? {} : { body: data.b }
-          end
-        end
-      end
-
-      def file_of(io)
-        return io if io.is_a?(File)
-        return io.__getobj__ if defined?(Tempfile) && io.is_a?(Tempfile) && io.__getobj__.is_a?(File)
-
-        nil
+        RequestBody.spec(env, body)
       end
 
       def wait_idle(deadline)
-        loop do
-          left = deadline - Process.clock_gettime(Process::CLOCK_MONOTONIC)
-          return true if Native.async_wait_idle([left, 0].max)
-          return false if left <= 0
-
-          sleep 0.01 # interrupted: let Ruby handle it, then wait again
-        end
+        ThreadedProxy.wait_interruptibly(deadline) { |left| Native.async_wait_idle(left) }
       end
 
       def positive(name, value)

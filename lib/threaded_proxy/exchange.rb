@@ -189,35 +189,8 @@ module ThreadedProxy
       end
     end
 
-    # The body as Rust wants it. Taken before the action returns: Puma
-    # closes and unlinks rack.input's Tempfile afterwards.
     def request_body
-      body = @options.body
-      body = @env["rack.input"] if body == :rack
-      case body
-      when nil then {}
-      when String then { body: body.b }
-      else io_body(body, rack_input: @options.body == :rack)
-      end
-    end
-
-    def io_body(io, rack_input:)
-      file = file_of(io)
-      if file
-        # Puma may have left the offset anywhere; a rack body starts at 0.
-        { body_fd: file.fileno, body_offset: rack_input ? 0 : file.pos }
-      else
-        io.rewind if rack_input && io.respond_to?(:rewind)
-        data = io.read
-        data.nil? || data.empty? ? {} : { body: data.b }
-      end
-    end
-
-    def file_of(io)
-      return io if io.is_a?(File)
-      return io.__getobj__ if defined?(Tempfile) && io.is_a?(Tempfile) && io.__getobj__.is_a?(File)
-
-      nil
+      RequestBody.spec(@env, @options.body)
     end
   end
 end

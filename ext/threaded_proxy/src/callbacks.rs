@@ -61,10 +61,6 @@ impl<T> BlockingQueue<T> {
         self.ready.notify_all();
     }
 
-    pub fn is_closed(&self) -> bool {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).closed
-    }
-
     /// Waits for an item. `None` when the queue is closed and empty, when
     /// `interrupted` was set (see [`BlockingQueue::interrupt`]), or when the
     /// deadline passed.

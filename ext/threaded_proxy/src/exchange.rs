@@ -7,7 +7,6 @@
 
 use std::os::fd::{OwnedFd, RawFd};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -19,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
 use crate::callbacks::{
-    BlockingQueue, BodyRequest, CallbackEvent, CallbackReply, Rendered, RenderedBody, ResponseHead, Summary,
+    BodyRequest, CallbackEvent, CallbackReply, Rendered, RenderedBody, ResponseHead, Summary,
 };
 use crate::errors::{ErrorReport, ProxyError};
 use crate::handoff::{self, ClientSocket};
@@ -712,7 +711,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
                     if let Ok(bytes) = &result {
                         buffered = Some(bytes.clone());
                     }
-                    answer_body_request(&slot, result.as_ref().map(Bytes::clone).map_err(ErrorReport::from));
+                    let _ = slot.push(result.as_ref().map(Bytes::clone).map_err(ErrorReport::from));
                 }
             }
         };
@@ -809,13 +808,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         }
         self.write_rendered(default_answer(err)).await
     }
-}
-
-fn answer_body_request(
-    slot: &Arc<BlockingQueue<Result<Bytes, ErrorReport>>>,
-    result: Result<Bytes, ErrorReport>,
-) {
-    let _ = slot.push(result);
 }
 
 /// The plain answer for an error nobody rendered.

@@ -66,10 +66,6 @@ impl<W: AsyncWrite + Unpin> ClientWriter<W> {
         self.bytes_written += n;
     }
 
-    pub fn framing(&self) -> Framing {
-        self.framing
-    }
-
     /// Sends one piece of body in the chosen framing.
     pub async fn send_body(&mut self, data: Bytes) -> Result<(), ProxyError> {
         if data.is_empty() {
@@ -79,8 +75,10 @@ impl<W: AsyncWrite + Unpin> ClientWriter<W> {
         match self.framing {
             Framing::None => return Ok(()),
             Framing::Chunked => {
-                let prefix = Bytes::from(format!("{:x}\r\n", data.len()));
-                self.write_buf(prefix.chain(data).chain(&b"\r\n"[..])).await?;
+                let mut prefix = [0u8; 18];
+                let prefix = chunk_prefix(data.len(), &mut prefix);
+                self.write_buf(Buf::chain(prefix, data).chain(&b"\r\n"[..]))
+                    .await?;
             }
             Framing::Length(total) => {
                 if self.body_written + len > total {
@@ -112,6 +110,18 @@ impl<W: AsyncWrite + Unpin> ClientWriter<W> {
         let _ = tokio::time::timeout(self.idle, self.io.shutdown()).await;
         Ok(())
     }
+}
+
+/// `<hex length>\r\n` in `buf`, without allocating (one per chunk).
+fn chunk_prefix(len: usize, buf: &mut [u8; 18]) -> &[u8] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize;
+    for i in 0..digits {
+        buf[digits - 1 - i] = HEX[(len >> (4 * i)) & 0xf];
+    }
+    buf[digits] = b'\r';
+    buf[digits + 1] = b'\n';
+    &buf[..digits + 2]
 }
 
 /// Completes when the client closes its side (EOF or error). Data a client
@@ -157,6 +167,15 @@ mod tests {
         let mut out = Vec::new();
         server.read_to_end(&mut out).await.unwrap();
         (out, result)
+    }
+
+    #[test]
+    fn chunk_prefixes_are_lowercase_hex() {
+        let mut buf = [0u8; 18];
+        assert_eq!(chunk_prefix(0, &mut buf), b"0\r\n");
+        assert_eq!(chunk_prefix(5, &mut buf), b"5\r\n");
+        assert_eq!(chunk_prefix(65536, &mut buf), b"10000\r\n");
+        assert_eq!(chunk_prefix(0xabc, &mut buf), b"abc\r\n");
     }
 
     #[tokio::test]
