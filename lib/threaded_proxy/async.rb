@@ -2,9 +2,10 @@
 
 module ThreadedProxy
   # Deferred delivery: `proxy_async` stores the request durably (an SQLite
-  # file shared by the processes of a machine), the action answers its
-  # client, and the Rust runtime delivers in the background with the
-  # async_* settings (concurrency, rate, timeout, retries with backoff).
+  # file shared by the processes of a machine, or PostgreSQL for several
+  # machines), the action answers its client, and the Rust runtime delivers
+  # in the background with the async_* settings (concurrency, rate,
+  # timeout, retries with backoff).
   module Async
     KNOWN = %i[method headers body respond_with].freeze
     # Request headers never stored: they describe the client's connection
@@ -53,8 +54,7 @@ module ThreadedProxy
       def settings
         c = ThreadedProxy.configuration
         rate = c.async_rate.nil? ? 0.0 : Float(c.async_rate)
-        {
-          path: File.expand_path(c.async_queue_path.to_s),
+        queue_location(c).merge(
           concurrency: positive_integer(:async_concurrency, c.async_concurrency),
           rate: rate.negative? ? 0.0 : rate,
           timeout: positive(:async_timeout, c.async_timeout),
@@ -62,8 +62,9 @@ module ThreadedProxy
           max_attempts: positive_integer(:async_max_attempts, c.async_max_attempts),
           backoff: positive(:async_backoff, c.async_backoff),
           backoff_max: positive(:async_backoff_max, c.async_backoff_max),
-          success: success_ranges(c.async_success)
-        }
+          success: status_ranges(:async_success, c.async_success),
+          retry: status_ranges(:async_retry_on, c.async_retry_on)
+        )
       end
 
       # Stops claiming, lets running attempts end until `deadline`, then
@@ -82,6 +83,16 @@ module ThreadedProxy
       end
 
       private
+
+      POSTGRES_URL = %r{\Apostgres(ql)?://}.freeze
+
+      def queue_location(config)
+        url = config.async_queue_url
+        return { path: File.expand_path(config.async_queue_path.to_s) } if url.nil? || url.to_s.empty?
+        raise ArgumentError, "async_queue_url must be a postgres:// or postgresql:// URL (got #{url.to_s[/\A[^:]*/].inspect} scheme)" unless url.to_s.match?(POSTGRES_URL)
+
+        { url: url.to_s }
+      end
 
       def headers(env, checked)
         pairs = []
@@ -114,16 +125,20 @@ module ThreadedProxy
         value
       end
 
-      def success_ranges(value)
+      # [[low, high], …] from an Integer, a Range or an Array of them.
+      def status_ranges(name, value)
         Array(value.is_a?(Range) ? [value] : value).map do |entry|
-          case entry
-          when Integer then [entry, entry]
-          when Range
-            raise ArgumentError, "async_success ranges must be of Integers" unless entry.begin.is_a?(Integer) && entry.end.is_a?(Integer)
+          low, high = case entry
+                      when Integer then [entry, entry]
+                      when Range
+                        raise ArgumentError, "#{name} ranges must be of Integers" unless entry.begin.is_a?(Integer) && entry.end.is_a?(Integer)
 
-            [entry.begin, entry.exclude_end? ? entry.end - 1 : entry.end]
-          else raise ArgumentError, "async_success must be an Integer, a Range or an Array of them"
-          end
+                        [entry.begin, entry.exclude_end? ? entry.end - 1 : entry.end]
+                      else raise ArgumentError, "#{name} must be an Integer, a Range or an Array of them"
+                      end
+          raise ArgumentError, "#{name}: #{entry.inspect} is not within 100..599" unless low <= high && (100..599).cover?(low) && (100..599).cover?(high)
+
+          [low, high]
         end
       end
     end

@@ -14,14 +14,19 @@ module ThreadedProxy
                   :shutdown_timeout, :max_buffered_body, :allowed_hosts,
                   :pool_idle_timeout, :pool_max_idle_per_host, :logger
 
-    # proxy_async (deferred delivery): the queue file (shared by the
-    # processes of a machine), attempts at once and started per second per
-    # process (rate nil = no limit), seconds per attempt, attempts before a
-    # request is dead, first retry delay (doubling, with jitter) and its cap,
-    # and the statuses that count as delivered (Range or Array of Integers
-    # and Ranges).
-    attr_accessor :async_queue_path, :async_concurrency, :async_rate, :async_timeout,
-                  :async_max_attempts, :async_backoff, :async_backoff_max, :async_success
+    # proxy_async (deferred delivery): the queue, either an SQLite file
+    # (async_queue_path, shared by the processes of a machine) or, when
+    # async_queue_url is set, a PostgreSQL database ("postgres://…", shared
+    # by processes on any number of machines); attempts at once per process,
+    # attempts started per second by all processes of the queue together
+    # (rate nil = no limit), seconds per attempt, attempts before a request
+    # is dead, first retry delay (doubling, with jitter) and its cap, the
+    # statuses that count as delivered and those worth another attempt
+    # (each a Range, an Integer or an Array of them; any other status makes
+    # the request dead at once).
+    attr_accessor :async_queue_path, :async_queue_url, :async_concurrency, :async_rate, :async_timeout,
+                  :async_max_attempts, :async_backoff, :async_backoff_max, :async_success,
+                  :async_retry_on
 
     def initialize
       @max_connections = default_max_connections
@@ -39,6 +44,7 @@ module ThreadedProxy
       @pool_max_idle_per_host = 64
       @logger = nil
       @async_queue_path = "tmp/threaded_proxy_queue.sqlite3"
+      @async_queue_url = nil
       @async_concurrency = 8
       @async_rate = nil
       @async_timeout = 30.0
@@ -46,6 +52,7 @@ module ThreadedProxy
       @async_backoff = 1.0
       @async_backoff_max = 300.0
       @async_success = 200..299
+      @async_retry_on = [429, 500..599]
     end
 
     # Pushes the settings to the Rust side (limits take effect at once).

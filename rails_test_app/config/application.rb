@@ -23,11 +23,19 @@ module RailsTestApp
 
     # THREADED_PROXY_<SETTING>=value sets config.threaded_proxy.<setting>
     # (the Railtie hands them to ThreadedProxy.configure), e.g.
-    # THREADED_PROXY_MAX_CONNECTIONS=3 for the limit specs.
+    # THREADED_PROXY_MAX_CONNECTIONS=3 for the limit specs; a list of
+    # statuses as "409,500..599".
+    setting_value = lambda do |value|
+      if value.include?(",") then value.split(",").map(&setting_value)
+      elsif value.include?("..") then Range.new(*value.split("..", 2).map { |bound| Integer(bound) })
+      elsif value.match?(/\A\d+\z/) then Integer(value)
+      else Float(value)
+      end
+    end
     ENV.each do |name, value|
       next unless (setting = name[/\ATHREADED_PROXY_(?!START\z)(\w+)\z/, 1])
 
-      config.threaded_proxy[setting.downcase] = value.match?(/\A\d+\z/) ? Integer(value) : Float(value)
+      config.threaded_proxy[setting.downcase] = setting_value.call(value)
     end
   end
 end

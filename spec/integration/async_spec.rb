@@ -5,56 +5,11 @@ require "tmpdir"
 require "digest"
 
 # proxy_async against real Puma (rails_test_app, AsyncController) and real
-# origins: the request is on disk before the client gets its answer, and the
-# Rust worker delivers it in the background.
-RSpec.describe "proxy_async (deferred delivery)" do
-  around do |example|
-    Dir.mktmpdir("threaded-proxy-async") do |dir|
-      @queue_path = File.join(dir, "queue.sqlite3")
-      example.run
-    ensure
-      @pumas&.each(&:stop)
-      @origins&.each(&:stop)
-    end
-  end
-
-  def origin(port: 0)
-    (@origins ||= []) << AsyncOrigin.new(port: port).start
-    @origins.last
-  end
-
-  def puma(origin_url, settings = {}, workers: 0, threads: "4:4", env: {})
-    env = env.merge("ORIGIN_URL" => origin_url, "ASYNC_QUEUE_PATH" => @queue_path)
-    settings.each { |name, value| env["THREADED_PROXY_ASYNC_#{name.to_s.upcase}"] = value }
-    (@pumas ||= []) << PumaServer.new(env: env, workers: workers, threads: threads).start
-    @pumas.last
-  end
-
-  def post_async(server, path, tag:, body: "payload #{tag}", headers: {})
-    RawHTTP.request("#{server.url}/async/deliver/#{path}", method: "POST", body: body,
-                                                           headers: { "X-Tag" => tag, "Content-Type" => "application/x-test" }.merge(headers))
-  end
-
-  def stats(server)
-    JSON.parse(RawHTTP.request("#{server.url}/async/stats").body, symbolize_names: true)
-  end
-
-  # Polls the queue's state (bounded): true once the block holds.
-  def eventually(timeout: 20, interval: 0.05)
-    deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout
-    loop do
-      return true if yield
-      return false if Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
-
-      sleep interval
-    end
-  end
-
-  def settled?(counts, delivered:, dead: 0)
-    counts[:delivered] == delivered && counts[:dead] == dead &&
-      counts[:queued].zero? && counts[:retrying].zero? && counts[:in_flight].zero?
-  end
-
+# origins: the request is durable before the client gets its answer, and the
+# Rust worker delivers it in the background. The same examples run on both
+# backends: the embedded SQLite queue and PostgreSQL (a private server on
+# loopback, started once for this file).
+RSpec.shared_examples "a deferred delivery queue" do
   it "answers 202 at once with the request on disk and delivers it byte-identical" do
     up = origin
     server = puma(up.url)
@@ -82,6 +37,32 @@ RSpec.describe "proxy_async (deferred delivery)" do
     expect(by_tag["large"]).to include(body_bytes: large.bytesize, body_sha256: Digest::SHA256.hexdigest(large))
     expect(by_tag["string"]).to include(method: "PUT", body_sha256: Digest::SHA256.hexdigest("string body string"))
     expect(by_tag["string"][:headers]["content-type"]).to eq(["text/plain"])
+  end
+
+  it "streams large bodies from the queue while delivering them: Puma's peak memory stays flat", :slow do
+    up = origin
+    server = puma(up.url, { concurrency: 3 })
+    mib = 1024 * 1024
+    bodies = Array.new(4) { |i| OriginServer.pattern_bytes(64 * mib, i * 7) }
+    # One round first: Puma's upload buffers, the runtime's threads, the
+    # allocator's arenas reach their working size.
+    expect(post_async(server, "echo", tag: "big-0", body: bodies[0]).status).to eq(202)
+    expect(eventually(timeout: 60) { settled?(stats(server), delivered: 1) }).to be(true), stats(server).inspect
+    peak_before = status_kib(server.pid, "VmHWM")
+
+    # Three deliveries at once (the origin holds each for 2 s after reading it).
+    bodies.drop(1).each_with_index do |body, i|
+      expect(post_async(server, "slow?delay=2", tag: "big-#{i + 1}", body: body).status).to eq(202)
+    end
+    expect(eventually(timeout: 90) { settled?(stats(server), delivered: 4) }).to be(true), stats(server).inspect
+
+    by_tag = up.requests.to_h { |r| [r[:headers]["x-tag"].first, r] }
+    bodies.each_with_index do |body, i|
+      expect(by_tag["big-#{i}"]).to include(body_bytes: body.bytesize, body_sha256: Digest::SHA256.hexdigest(body))
+    end
+    # 192 MiB went through at once; attempts holding their bodies would
+    # raise the peak by that much at least.
+    expect(status_kib(server.pid, "VmHWM") - peak_before).to be < 96 * 1024
   end
 
   it "keeps retrying while the origin is down and delivers everything once it is up", :slow do
@@ -135,14 +116,16 @@ RSpec.describe "proxy_async (deferred delivery)" do
     expect(up.tags.tally).to eq("graceful-0" => 2, "graceful-1" => 2)
   end
 
-  it "starts deliveries no faster than async_rate" do
+  it "holds async_rate across the processes sharing the queue", :slow do
     up = origin
     rate = 5.0
-    count = 8
-    server = puma(up.url, { rate: rate, concurrency: 8 })
+    count = 12
+    # Two workers, each able to send: the rate is the queue's, not each
+    # process's (per-process pacing would reach about twice the rate).
+    server = puma(up.url, { rate: rate, concurrency: 8 }, workers: 2, threads: "2:2")
     count.times { |i| expect(post_async(server, "echo", tag: "rate-#{i}").status).to eq(202) }
 
-    expect(up.wait_until(timeout: 20) { up.arrivals.size >= count }).to be(true)
+    expect(up.wait_until(timeout: 30) { up.arrivals.size >= count }).to be(true), -> { [up.arrivals.size, stats(server)].inspect }
     arrivals = up.arrivals
     expect(arrivals.last - arrivals.first).to be >= (count - 1) / rate - 0.05
     expect(eventually { settled?(stats(server), delivered: count) }).to be(true), stats(server).inspect
@@ -174,6 +157,17 @@ RSpec.describe "proxy_async (deferred delivery)" do
     expect(eventually { settled?(stats(server), delivered: 0, dead: 2) }).to be(true), stats(server).inspect
   end
 
+  it "counts async_success as delivered, retries async_retry_on and gives up on the rest" do
+    up = origin
+    server = puma(up.url, { max_attempts: 2, backoff: 0.05, success: "202", retry_on: "409,418..420" })
+    { "accepted" => 202, "conflict" => 409, "teapot" => 418, "unavailable" => 503, "ok" => 200 }.each do |tag, code|
+      expect(post_async(server, "status?code=#{code}", tag: tag).status).to eq(202)
+    end
+
+    expect(eventually { settled?(stats(server), delivered: 1, dead: 4) }).to be(true), stats(server).inspect
+    expect(up.tags.tally).to eq("accepted" => 1, "conflict" => 2, "teapot" => 2, "unavailable" => 1, "ok" => 1)
+  end
+
   it "shares the queue between two Puma workers without delivering twice", :slow do
     up = origin
     server = puma(up.url, { concurrency: 4 }, workers: 2, threads: "2:2")
@@ -189,5 +183,102 @@ RSpec.describe "proxy_async (deferred delivery)" do
     expect(up.tags.tally.values.uniq).to eq([1])
     expect(up.tags.sort).to eq(tags.sort)
     expect(server.log).not_to match(/panicked|\[BUG\]|deferred delivery: /)
+  end
+end
+
+RSpec.describe "proxy_async (deferred delivery)" do
+  around do |example|
+    Dir.mktmpdir("threaded-proxy-async") do |dir|
+      @queue_path = File.join(dir, "queue.sqlite3")
+      example.run
+    ensure
+      @pumas&.each(&:stop)
+      @origins&.each(&:stop)
+    end
+  end
+
+  def origin(port: 0)
+    (@origins ||= []) << AsyncOrigin.new(port: port).start
+    @origins.last
+  end
+
+  def puma(origin_url, settings = {}, workers: 0, threads: "4:4", env: {})
+    env = env.merge("ORIGIN_URL" => origin_url).merge(queue_env)
+    settings.each { |name, value| env["THREADED_PROXY_ASYNC_#{name.to_s.upcase}"] = value }
+    (@pumas ||= []) << PumaServer.new(env: env, workers: workers, threads: threads).start
+    @pumas.last
+  end
+
+  def post_async(server, path, tag:, body: "payload #{tag}", headers: {})
+    RawHTTP.request("#{server.url}/async/deliver/#{path}", method: "POST", body: body,
+                                                           headers: { "X-Tag" => tag, "Content-Type" => "application/x-test" }.merge(headers))
+  end
+
+  def stats(server)
+    JSON.parse(RawHTTP.request("#{server.url}/async/stats").body, symbolize_names: true)
+  end
+
+  # Polls the queue's state (bounded): true once the block holds.
+  def eventually(timeout: 20, interval: 0.05)
+    deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout
+    loop do
+      return true if yield
+      return false if Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
+
+      sleep interval
+    end
+  end
+
+  def status_kib(pid, field)
+    Integer(File.read("/proc/#{pid}/status")[/^#{field}:\s+(\d+) kB/, 1])
+  end
+
+  def settled?(counts, delivered:, dead: 0)
+    counts[:delivered] == delivered && counts[:dead] == dead &&
+      counts[:queued].zero? && counts[:retrying].zero? && counts[:in_flight].zero?
+  end
+
+  context "on the embedded SQLite queue" do
+    def queue_env = { "ASYNC_QUEUE_PATH" => @queue_path }
+
+    it_behaves_like "a deferred delivery queue"
+  end
+
+  context "on PostgreSQL" do
+    before(:all) do
+      @postgres = PostgresServer.new.start
+    rescue PostgresServer::Unavailable => e
+      # bin/test sets SPEC_REQUIRE_POSTGRES: there, no PostgreSQL
+      # is a failure, never a skip.
+      raise if ENV["SPEC_REQUIRE_POSTGRES"]
+
+      skip "PostgreSQL could not be started here: #{e.message}"
+    end
+
+    after(:all) { @postgres&.stop }
+
+    before do |example|
+      @database = "q_#{example.metadata[:scoped_id].tr(":", "_")}"
+      @queue_url = @postgres.create_database(@database)
+    end
+
+    def queue_env = { "ASYNC_QUEUE_URL" => @queue_url }
+
+    it_behaves_like "a deferred delivery queue"
+
+    it "lets separate Puma servers claim with SKIP LOCKED, each row once", :slow do
+      up = origin
+      servers = Array.new(2) { puma(up.url, { concurrency: 4 }) }
+      tags = Array.new(30) { |i| "pg-#{i}" }
+      tags.each_with_index { |tag, i| expect(post_async(servers[i % 2], "slow?delay=0.2", tag: tag).status).to eq(202) }
+
+      expect(up.wait_until(timeout: 30) { up.tags.size >= tags.size }).to be(true)
+      expect(eventually { settled?(stats(servers[0]), delivered: tags.size) }).to be(true), stats(servers[0]).inspect
+      expect(up.tags.tally.values.uniq).to eq([1])
+      # Rows are gone once delivered; the counter is in the database.
+      expect(@postgres.psql(@database, "SELECT COUNT(*) FROM threaded_proxy_deliveries")).to eq([["0"]])
+      expect(@postgres.psql(@database, "SELECT value FROM threaded_proxy_counters WHERE name = 'delivered'")).to eq([["30"]])
+      servers.each { |server| expect(server.log).not_to match(/panicked|\[BUG\]|deferred delivery: /) }
+    end
   end
 end

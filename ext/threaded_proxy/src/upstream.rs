@@ -191,7 +191,17 @@ pub enum BodySource {
         file: std::fs::File,
         offset: u64,
     },
+    /// `length` bytes fetched piece by piece on a blocking thread:
+    /// `read(offset, max)` returns up to `max` bytes from `offset` (a
+    /// deferred delivery's body, read back from its queue).
+    Chunks {
+        length: u64,
+        chunk: usize,
+        read: ChunkReader,
+    },
 }
+
+pub type ChunkReader = Box<dyn FnMut(u64, usize) -> std::io::Result<Vec<u8>> + Send>;
 
 const FILE_CHUNK: usize = 64 * 1024;
 
@@ -203,33 +213,15 @@ impl BodySource {
             BodySource::File { mut file, offset } => {
                 let length = file.metadata()?.len().saturating_sub(offset);
                 file.seek(SeekFrom::Start(offset))?;
-                let (tx, rx) = mpsc::channel(4);
-                // A blocking thread reads ahead at most the channel's four
-                // chunks; it stops when the request is dropped.
-                tokio::task::spawn_blocking(move || {
-                    let mut left = length;
-                    while left > 0 {
-                        let mut buf = vec![0u8; FILE_CHUNK.min(left as usize)];
-                        let item = match file.read(&mut buf) {
-                            Ok(0) => Err(std::io::Error::new(
-                                std::io::ErrorKind::UnexpectedEof,
-                                "request body file shrank",
-                            )),
-                            Ok(n) => {
-                                buf.truncate(n);
-                                left -= n as u64;
-                                Ok(Bytes::from(buf))
-                            }
-                            Err(e) => Err(e),
-                        };
-                        let failed = item.is_err();
-                        if tx.blocking_send(item).is_err() || failed {
-                            return;
-                        }
-                    }
-                });
-                ChannelBody { rx, left: length }.boxed()
+                let read = move |_offset, max| {
+                    let mut buf = vec![0u8; max];
+                    let n = file.read(&mut buf)?;
+                    buf.truncate(n);
+                    Ok(buf)
+                };
+                ChannelBody::spawn(length, FILE_CHUNK, Box::new(read))
             }
+            BodySource::Chunks { length, chunk, read } => ChannelBody::spawn(length, chunk, read),
         })
     }
 }
@@ -239,6 +231,38 @@ impl BodySource {
 struct ChannelBody {
     rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
     left: u64,
+}
+
+impl ChannelBody {
+    /// Starts the reader: a blocking thread reads ahead at most the
+    /// channel's four chunks and stops when the request is dropped or a
+    /// read fails (a source that ends early is an error, never a short
+    /// body).
+    fn spawn(length: u64, chunk: usize, mut read: ChunkReader) -> RequestBody {
+        let (tx, rx) = mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            let mut offset = 0u64;
+            while offset < length {
+                let want = chunk.max(1).min((length - offset) as usize);
+                let item = match read(offset, want) {
+                    Ok(buf) if buf.is_empty() => Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "request body source shrank",
+                    )),
+                    Ok(buf) => {
+                        offset += buf.len() as u64;
+                        Ok(Bytes::from(buf))
+                    }
+                    Err(e) => Err(e),
+                };
+                let failed = item.is_err();
+                if tx.blocking_send(item).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        ChannelBody { rx, left: length }.boxed()
+    }
 }
 
 impl Body for ChannelBody {

@@ -5,15 +5,19 @@
 //!
 //! - `store`: the [`store::DeliveryStore`] trait and the embedded SQLite
 //!   backend (one WAL file shared by every process of a machine).
+//! - `postgres`: the PostgreSQL backend (processes on several machines;
+//!   claims with `SKIP LOCKED`).
 //! - `worker`: the claim loop, one attempt, the outcome of an attempt.
 //!
 //! One [`Delivery`] per process, started on demand and started again in a
 //! forked child (the parent's is leaked there, like the runtime: its
 //! SQLite connection must never be used or closed across fork).
 
+pub mod postgres;
 pub mod store;
 pub mod worker;
 
+use std::fmt;
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,14 +29,43 @@ use tokio::sync::{watch, Notify};
 use crate::runtime;
 use store::{DeliveryStore, SqliteStore, StoreError};
 
+/// Where the queue lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueLocation {
+    /// An SQLite file shared by the processes of one machine.
+    Sqlite(PathBuf),
+    /// A `postgres://` URL: processes on any number of machines.
+    Postgres(String),
+}
+
+impl QueueLocation {
+    fn open(&self, connect_timeout: Duration) -> Result<Arc<dyn DeliveryStore>, StoreError> {
+        Ok(match self {
+            QueueLocation::Sqlite(path) => Arc::new(SqliteStore::open(path)?),
+            QueueLocation::Postgres(url) => Arc::new(postgres::PostgresStore::open(url, connect_timeout)?),
+        })
+    }
+}
+
+/// For messages: the path, or the URL without its password.
+impl fmt::Display for QueueLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            QueueLocation::Sqlite(path) => write!(f, "{}", path.display()),
+            QueueLocation::Postgres(url) => f.write_str(&postgres::redact(url)),
+        }
+    }
+}
+
 /// `async_*` settings from `ThreadedProxy.configure`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeliverySettings {
-    /// The SQLite file (shared by the processes of a machine).
-    pub path: PathBuf,
+    /// The SQLite file or the PostgreSQL database.
+    pub queue: QueueLocation,
     /// Attempts running at once in this process.
     pub concurrency: usize,
-    /// Attempts started per second by this process; 0 = no limit.
+    /// Attempts started per second by all the processes of the queue
+    /// together; 0 = no limit.
     pub rate: f64,
     /// Bound on one attempt (connect, send, response head and body).
     pub timeout: Duration,
@@ -44,6 +77,10 @@ pub struct DeliverySettings {
     pub backoff_max: Duration,
     /// Statuses that count as delivered (default 200..=299).
     pub success: Vec<RangeInclusive<u16>>,
+    /// Statuses worth another attempt (default 429 and 5xx); any other
+    /// status that is not a success makes the request dead at once.
+    /// Connection failures and timeouts are always retried.
+    pub retry: Vec<RangeInclusive<u16>>,
     /// A claim lasts `timeout` plus this; a row whose lease ran out goes
     /// back to the queue (a claimer that died is noticed sooner).
     pub lease_margin: Duration,
@@ -54,7 +91,7 @@ pub struct DeliverySettings {
 impl Default for DeliverySettings {
     fn default() -> Self {
         DeliverySettings {
-            path: PathBuf::from("tmp/threaded_proxy_queue.sqlite3"),
+            queue: QueueLocation::Sqlite(PathBuf::from("tmp/threaded_proxy_queue.sqlite3")),
             concurrency: 8,
             rate: 0.0,
             timeout: Duration::from_secs(30),
@@ -63,6 +100,7 @@ impl Default for DeliverySettings {
             backoff: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
             success: vec![200..=299],
+            retry: vec![429..=429, 500..=599],
             lease_margin: Duration::from_secs(30),
             poll_interval: Duration::from_millis(200),
         }
@@ -72,6 +110,10 @@ impl Default for DeliverySettings {
 impl DeliverySettings {
     pub fn is_success(&self, status: u16) -> bool {
         self.success.iter().any(|range| range.contains(&status))
+    }
+
+    pub fn is_retried(&self, status: u16) -> bool {
+        self.retry.iter().any(|range| range.contains(&status))
     }
 
     /// The wait before attempt `failed + 1` after `failed` failures:
@@ -92,7 +134,7 @@ pub enum DeliveryError {
     #[error(transparent)]
     Runtime(#[from] crate::errors::ProxyError),
     #[error("the delivery queue of this process uses {running}, not {wanted}")]
-    OtherPath { running: String, wanted: String },
+    OtherQueue { running: String, wanted: String },
 }
 
 /// Counts running attempts so shutdown can wait for them.
@@ -217,15 +259,15 @@ pub fn start(settings: DeliverySettings) -> Result<&'static Delivery, DeliveryEr
     let mut slot = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
     let pid = std::process::id();
     if let Some(delivery) = slot.filter(|d| d.pid == pid) {
-        if delivery.settings.path != settings.path {
-            return Err(DeliveryError::OtherPath {
-                running: delivery.settings.path.display().to_string(),
-                wanted: settings.path.display().to_string(),
+        if delivery.settings.queue != settings.queue {
+            return Err(DeliveryError::OtherQueue {
+                running: delivery.settings.queue.to_string(),
+                wanted: settings.queue.to_string(),
             });
         }
         return Ok(delivery);
     }
-    let store: Arc<dyn DeliveryStore> = Arc::new(SqliteStore::open(&settings.path)?);
+    let store = settings.queue.open(settings.connect_timeout)?;
     let proxy = runtime::current()?;
     // Leaked on purpose: one per process, never dropped after fork (see the
     // module doc).
@@ -314,5 +356,8 @@ mod tests {
         assert!(!settings.is_success(300) && !settings.is_success(199));
         settings.success = vec![200..=200, 404..=404];
         assert!(settings.is_success(404) && !settings.is_success(201));
+        assert!(settings.is_retried(429) && settings.is_retried(503) && !settings.is_retried(409));
+        settings.retry = vec![409..=409];
+        assert!(settings.is_retried(409) && !settings.is_retried(503));
     }
 }

@@ -6,6 +6,10 @@
 //! call them from `spawn_blocking` or with the GVL released, never on a
 //! tokio worker thread.
 //!
+//! A request's body sits in its own table: changing a row's state never
+//! rewrites the body, and a large body is read back in chunks while it is
+//! sent ([`ClaimedBody::Stored`]), so memory per attempt stays bounded.
+//!
 //! Row life: `queued` → (claim) `in_flight` → deleted and counted as
 //! delivered, or back to `queued` with a later `next_attempt_at` (retry), or
 //! `dead`. A claim carries the claimer's pid and a lease; a row whose lease
@@ -27,10 +31,23 @@ pub type StoreResult<T> = Result<T, StoreError>;
 pub enum StoreError {
     #[error("delivery queue database: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// The server's own message when it sent one ("db error" alone says
+    /// nothing).
+    #[error("delivery queue database: {0}")]
+    Postgres(String),
     #[error("delivery queue body: {0}")]
     Io(#[from] std::io::Error),
     #[error("delivery queue: {0}")]
     Corrupt(String),
+}
+
+impl From<postgres::Error> for StoreError {
+    fn from(err: postgres::Error) -> StoreError {
+        StoreError::Postgres(match err.as_db_error() {
+            Some(db) => db.to_string(),
+            None => err.to_string(),
+        })
+    }
 }
 
 /// Milliseconds since the Unix epoch: the store's clock (shared by all
@@ -65,6 +82,35 @@ pub struct NewDelivery {
     pub body: BodyInput,
 }
 
+/// Bodies up to this size come with the claim; larger ones are read from
+/// the store while they are sent.
+pub const INLINE_BODY_MAX: usize = 256 * 1024;
+
+/// Chunk size for reading a stored body back.
+pub const BODY_CHUNK: usize = 256 * 1024;
+
+/// A claimed row's body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimedBody {
+    Inline(Vec<u8>),
+    /// `length` bytes to read with [`DeliveryStore::read_body`].
+    Stored {
+        length: u64,
+    },
+}
+
+impl ClaimedBody {
+    /// From a body's length and, when small enough, its bytes.
+    pub fn from_parts(length: i64, inline: Option<Vec<u8>>) -> ClaimedBody {
+        match inline {
+            Some(bytes) => ClaimedBody::Inline(bytes),
+            None => ClaimedBody::Stored {
+                length: length.max(0) as u64,
+            },
+        }
+    }
+}
+
 /// A claimed row, ready to send.
 #[derive(Debug, Clone)]
 pub struct Claimed {
@@ -72,7 +118,7 @@ pub struct Claimed {
     pub method: String,
     pub url: String,
     pub headers: Vec<(String, Vec<u8>)>,
-    pub body: Vec<u8>,
+    pub body: ClaimedBody,
     /// Attempts including this one.
     pub attempts: u32,
 }
@@ -99,8 +145,9 @@ pub struct QueueStats {
     pub dead: u64,
 }
 
-/// What the delivery worker needs from a backend (SQLite now; PostgreSQL
-/// later for several machines). `owner` is the claiming process's pid.
+/// What the delivery worker needs from a backend: [`SqliteStore`] (one
+/// machine) or [`super::postgres::PostgresStore`] (several). `owner` is the
+/// claiming process's pid.
 pub trait DeliveryStore: Send + Sync {
     /// Stores a request durably (committed before returning); its id.
     fn enqueue(&self, delivery: NewDelivery) -> StoreResult<i64>;
@@ -128,6 +175,16 @@ pub trait DeliveryStore: Send + Sync {
     fn requeue(&self, id: Option<i64>, now: i64) -> StoreResult<usize>;
     /// When the next queued row is due, if any.
     fn next_due(&self) -> StoreResult<Option<i64>>;
+    /// Up to `len` bytes of row `id`'s body from `offset` (a
+    /// [`ClaimedBody::Stored`] body, read while it is sent).
+    fn read_body(&self, id: i64, offset: u64, len: usize) -> StoreResult<Vec<u8>>;
+    /// The outgoing rate, shared by every process of the queue: takes the
+    /// next start slot (ms since the epoch, never before `now`) and moves
+    /// the queue's next slot `interval_ms` later.
+    fn take_rate_slot(&self, interval_ms: i64, now: i64) -> StoreResult<i64>;
+    /// Gives `slot` back when nothing was sent in it, unless a later slot
+    /// was taken meanwhile (then it is simply unused).
+    fn give_back_rate_slot(&self, slot: i64, interval_ms: i64) -> StoreResult<()>;
 }
 
 const SCHEMA: &str = "
@@ -136,7 +193,6 @@ CREATE TABLE IF NOT EXISTS threaded_proxy_deliveries (
   method TEXT NOT NULL,
   url TEXT NOT NULL,
   headers BLOB NOT NULL,
-  body BLOB NOT NULL,
   state TEXT NOT NULL DEFAULT 'queued',
   attempts INTEGER NOT NULL DEFAULT 0,
   next_attempt_at INTEGER NOT NULL,
@@ -147,10 +203,21 @@ CREATE TABLE IF NOT EXISTS threaded_proxy_deliveries (
 );
 CREATE INDEX IF NOT EXISTS threaded_proxy_deliveries_due
   ON threaded_proxy_deliveries (state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS threaded_proxy_delivery_bodies (
+  id INTEGER PRIMARY KEY,
+  body BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS threaded_proxy_counters (
   name TEXT PRIMARY KEY,
   value INTEGER NOT NULL
 );
+";
+
+/// A queue file written before bodies had their own table: moves them.
+const MIGRATE_INLINE_BODIES: &str = "
+INSERT OR IGNORE INTO threaded_proxy_delivery_bodies (id, body)
+  SELECT id, body FROM threaded_proxy_deliveries;
+ALTER TABLE threaded_proxy_deliveries DROP COLUMN body;
 ";
 
 /// The embedded backend: one connection per process (never carried across
@@ -177,7 +244,17 @@ impl SqliteStore {
             )));
         }
         conn.execute_batch("PRAGMA synchronous = FULL;")?;
-        conn.execute_batch(SCHEMA)?;
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(SCHEMA)?;
+        let inline_bodies: bool = tx.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('threaded_proxy_deliveries') WHERE name = 'body'",
+            [],
+            |r| r.get(0),
+        )?;
+        if inline_bodies {
+            tx.execute_batch(MIGRATE_INLINE_BODIES)?;
+        }
+        tx.commit()?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
         })
@@ -230,19 +307,24 @@ impl DeliveryStore for SqliteStore {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let now = now_ms();
         let headers = encode_headers(&delivery.headers);
-        let id = match delivery.body {
-            BodyInput::Empty | BodyInput::Bytes(_) => {
-                let body = match delivery.body {
-                    BodyInput::Bytes(bytes) => bytes,
-                    _ => Vec::new(),
-                };
+        tx.execute(
+            "INSERT INTO threaded_proxy_deliveries (method, url, headers, next_attempt_at, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?4)",
+            params![delivery.method, delivery.url, headers, now],
+        )?;
+        let id = tx.last_insert_rowid();
+        match delivery.body {
+            BodyInput::Empty => {
                 tx.execute(
-                    "INSERT INTO threaded_proxy_deliveries
-                       (method, url, headers, body, next_attempt_at, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
-                    params![delivery.method, delivery.url, headers, body, now],
+                    "INSERT INTO threaded_proxy_delivery_bodies (id, body) VALUES (?1, x'')",
+                    [id],
                 )?;
-                tx.last_insert_rowid()
+            }
+            BodyInput::Bytes(bytes) => {
+                tx.execute(
+                    "INSERT INTO threaded_proxy_delivery_bodies (id, body) VALUES (?1, ?2)",
+                    params![id, bytes],
+                )?;
             }
             BodyInput::File { mut file, offset } => {
                 let length = file.metadata()?.len().saturating_sub(offset);
@@ -251,19 +333,20 @@ impl DeliveryStore for SqliteStore {
                     .filter(|l| *l <= i32::MAX as i64)
                     .ok_or_else(|| StoreError::Corrupt("request body larger than 2 GiB".into()))?;
                 tx.execute(
-                    "INSERT INTO threaded_proxy_deliveries
-                       (method, url, headers, body, next_attempt_at, created_at)
-                     VALUES (?1, ?2, ?3, zeroblob(?4), ?5, ?5)",
-                    params![delivery.method, delivery.url, headers, length, now],
+                    "INSERT INTO threaded_proxy_delivery_bodies (id, body) VALUES (?1, zeroblob(?2))",
+                    params![id, length],
                 )?;
-                let id = tx.last_insert_rowid();
-                let mut blob =
-                    tx.blob_open(DatabaseName::Main, "threaded_proxy_deliveries", "body", id, false)?;
+                let mut blob = tx.blob_open(
+                    DatabaseName::Main,
+                    "threaded_proxy_delivery_bodies",
+                    "body",
+                    id,
+                    false,
+                )?;
                 copy_file(&mut file, offset, length as u64, &mut blob)?;
                 blob.close()?;
-                id
             }
-        };
+        }
         tx.commit()?;
         Ok(id)
     }
@@ -292,18 +375,31 @@ impl DeliveryStore for SqliteStore {
                  WHERE id IN (SELECT id FROM threaded_proxy_deliveries
                               WHERE state = 'queued' AND next_attempt_at <= ?3
                               ORDER BY next_attempt_at, id LIMIT ?4)
-                 RETURNING id, method, url, headers, body, attempts",
+                 RETURNING id, method, url, headers, attempts",
+            )?;
+            // length() of a blob column reads no overflow pages: a large
+            // body stays on disk until it is sent.
+            let mut body = tx.prepare(
+                "SELECT length(body), CASE WHEN length(body) <= ?2 THEN body END
+                 FROM threaded_proxy_delivery_bodies WHERE id = ?1",
             )?;
             let mut rows = stmt.query(params![owner, lease_until, now, limit as i64])?;
             while let Some(row) = rows.next()? {
+                let id: i64 = row.get(0)?;
                 let headers: Vec<u8> = row.get(3)?;
+                let (length, inline) = body
+                    .query_row(params![id, INLINE_BODY_MAX as i64], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
+                    .optional()?
+                    .unwrap_or((0, Some(Vec::new())));
                 claimed.push(Claimed {
-                    id: row.get(0)?,
+                    id,
                     method: row.get(1)?,
                     url: row.get(2)?,
                     headers: decode_headers(&headers)?,
-                    body: row.get(4)?,
-                    attempts: row.get(5)?,
+                    body: ClaimedBody::from_parts(length, inline),
+                    attempts: row.get(4)?,
                 });
             }
         }
@@ -321,6 +417,7 @@ impl DeliveryStore for SqliteStore {
             params![id, owner],
         )?;
         if removed > 0 {
+            tx.execute("DELETE FROM threaded_proxy_delivery_bodies WHERE id = ?1", [id])?;
             tx.execute(
                 "INSERT INTO threaded_proxy_counters (name, value) VALUES ('delivered', 1)
                  ON CONFLICT (name) DO UPDATE SET value = value + 1",
@@ -468,9 +565,44 @@ impl DeliveryStore for SqliteStore {
             |r| r.get(0),
         )?)
     }
+
+    fn read_body(&self, id: i64, offset: u64, len: usize) -> StoreResult<Vec<u8>> {
+        let conn = self.conn();
+        let blob = conn.blob_open(
+            DatabaseName::Main,
+            "threaded_proxy_delivery_bodies",
+            "body",
+            id,
+            true,
+        )?;
+        let size = blob.len() as u64;
+        let start = offset.min(size);
+        let mut buf = vec![0u8; len.min((size - start) as usize)];
+        blob.read_at_exact(&mut buf, start as usize)?;
+        Ok(buf)
+    }
+
+    fn take_rate_slot(&self, interval_ms: i64, now: i64) -> StoreResult<i64> {
+        Ok(self.conn().query_row(
+            "INSERT INTO threaded_proxy_counters (name, value) VALUES ('rate_next_at', ?1 + ?2)
+             ON CONFLICT (name) DO UPDATE SET value = MAX(value, ?1) + ?2
+             RETURNING value - ?2",
+            params![now, interval_ms],
+            |r| r.get(0),
+        )?)
+    }
+
+    fn give_back_rate_slot(&self, slot: i64, interval_ms: i64) -> StoreResult<()> {
+        self.conn().execute(
+            "UPDATE threaded_proxy_counters SET value = ?1
+             WHERE name = 'rate_next_at' AND value = ?1 + ?2",
+            params![slot, interval_ms],
+        )?;
+        Ok(())
+    }
 }
 
-fn copy_file(file: &mut File, offset: u64, length: u64, out: &mut impl Write) -> StoreResult<()> {
+pub(crate) fn copy_file(file: &mut File, offset: u64, length: u64, out: &mut impl Write) -> StoreResult<()> {
     use std::io::{Seek, SeekFrom};
     file.seek(SeekFrom::Start(offset))?;
     let mut left = length;
@@ -560,7 +692,7 @@ mod tests {
         let claimed = store.claim(1, 10, now, now + 1000).unwrap();
         assert_eq!(claimed.len(), 1);
         assert_eq!(claimed[0].id, id);
-        assert_eq!(claimed[0].body, b"hello");
+        assert_eq!(claimed[0].body, ClaimedBody::Inline(b"hello".to_vec()));
         assert_eq!(claimed[0].attempts, 1);
         assert_eq!(
             claimed[0].headers[0],
@@ -681,7 +813,65 @@ mod tests {
         let now = now_ms();
         let claimed = store.claim(1, 1, now, now + 1000).unwrap();
         assert_eq!(claimed[0].id, id);
-        assert_eq!(claimed[0].body, &data[10..]);
+        // Above INLINE_BODY_MAX: not in the claim, read back in chunks.
+        let length = data.len() as u64 - 10;
+        assert_eq!(claimed[0].body, ClaimedBody::Stored { length });
+        let mut read = Vec::new();
+        while (read.len() as u64) < length {
+            let chunk = store.read_body(id, read.len() as u64, 100_000).unwrap();
+            assert!(!chunk.is_empty() && chunk.len() <= 100_000);
+            read.extend_from_slice(&chunk);
+        }
+        assert_eq!(read, &data[10..]);
+        assert!(store.read_body(id, length, 10).unwrap().is_empty());
+        // Delivered: the body goes with the row.
+        assert!(store.complete(id, 1).unwrap());
+        assert!(store.read_body(id, 0, 10).is_err());
+    }
+
+    #[test]
+    fn a_queue_file_with_bodies_in_the_row_is_migrated() {
+        let dir = tempdir::Dir::new();
+        let path = dir.path.join("old.sqlite3");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE threaded_proxy_deliveries (
+                   id INTEGER PRIMARY KEY AUTOINCREMENT, method TEXT NOT NULL, url TEXT NOT NULL,
+                   headers BLOB NOT NULL, body BLOB NOT NULL, state TEXT NOT NULL DEFAULT 'queued',
+                   attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at INTEGER NOT NULL,
+                   claimed_by INTEGER, lease_until INTEGER, last_error TEXT, created_at INTEGER NOT NULL);
+                 INSERT INTO threaded_proxy_deliveries (method, url, headers, body, next_attempt_at, created_at)
+                   VALUES ('POST', 'http://a/old', x'', x'6f6c64', 0, 0);",
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let now = now_ms();
+        let claimed = store.claim(1, 5, now, now + 1000).unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].body, ClaimedBody::Inline(b"old".to_vec()));
+        store.enqueue(new("http://a/new", b"new")).unwrap();
+    }
+
+    #[test]
+    fn rate_slots_are_spaced_across_connections_and_given_back() {
+        let dir = tempdir::Dir::new();
+        let path = dir.path.join("rate.sqlite3");
+        let (a, b) = (
+            SqliteStore::open(&path).unwrap(),
+            SqliteStore::open(&path).unwrap(),
+        );
+        let now = 1_000_000;
+        assert_eq!(a.take_rate_slot(100, now).unwrap(), now);
+        assert_eq!(b.take_rate_slot(100, now).unwrap(), now + 100);
+        assert_eq!(a.take_rate_slot(100, now + 50).unwrap(), now + 200);
+        // The last slot goes back; an older one cannot (a later one was taken).
+        a.give_back_rate_slot(now + 200, 100).unwrap();
+        b.give_back_rate_slot(now, 100).unwrap();
+        assert_eq!(b.take_rate_slot(100, now).unwrap(), now + 200);
+        // An idle queue does not bank slots: the next one is now.
+        assert_eq!(a.take_rate_slot(100, now + 10_000).unwrap(), now + 10_000);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use tokio::sync::Semaphore;
 
-use super::store::{ms, now_ms, Claimed, DeliveryStore, StoreResult};
+use super::store::{ms, now_ms, Claimed, ClaimedBody, DeliveryStore, StoreResult, BODY_CHUNK};
 use super::{random_unit, Delivery, DeliverySettings};
 use crate::runtime;
 use crate::upstream::{self, BodySource, TlsSettings};
@@ -18,7 +18,8 @@ use crate::upstream::{self, BodySource, TlsSettings};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Delivered,
-    /// Worth another attempt (5xx, 429, connection failure, timeout).
+    /// Worth another attempt (a status in `retry`, connection failure,
+    /// timeout).
     Retry {
         error: String,
         retry_after: Option<Duration>,
@@ -42,12 +43,10 @@ pub enum Answer {
 pub fn outcome(settings: &DeliverySettings, answer: Answer) -> Outcome {
     match answer {
         Answer::Status { status, .. } if settings.is_success(status) => Outcome::Delivered,
-        Answer::Status { status, retry_after } if status == 429 || (500..=599).contains(&status) => {
-            Outcome::Retry {
-                error: format!("HTTP {status}"),
-                retry_after,
-            }
-        }
+        Answer::Status { status, retry_after } if settings.is_retried(status) => Outcome::Retry {
+            error: format!("HTTP {status}"),
+            retry_after,
+        },
         Answer::Status { status, .. } => Outcome::Dead {
             error: format!("HTTP {status}"),
         },
@@ -76,33 +75,9 @@ pub fn next_attempt_in(
     })
 }
 
-/// Spaces attempt starts `1/rate` apart (per process).
-struct Pacer {
-    interval: Option<Duration>,
-    next: Instant,
-}
-
-impl Pacer {
-    fn new(rate: f64) -> Pacer {
-        Pacer {
-            interval: (rate > 0.0 && rate.is_finite()).then(|| Duration::from_secs_f64(1.0 / rate)),
-            next: Instant::now(),
-        }
-    }
-
-    /// The instant the next attempt may start (taken).
-    fn reserve(&mut self) -> Instant {
-        let at = self.next.max(Instant::now());
-        if let Some(interval) = self.interval {
-            self.next = at + interval;
-        }
-        at
-    }
-
-    /// Gives back a slot that found nothing to send.
-    fn unreserve(&mut self, at: Instant) {
-        self.next = at;
-    }
+/// The queue-wide spacing of attempt starts, in ms (None: no rate).
+fn rate_interval_ms(rate: f64) -> Option<i64> {
+    (rate > 0.0 && rate.is_finite()).then(|| ((1000.0 / rate).round() as i64).max(1))
 }
 
 async fn blocking<T: Send + 'static>(
@@ -152,7 +127,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 pub async fn run(delivery: &'static Delivery) {
     let settings = &delivery.settings;
     let permits = Arc::new(Semaphore::new(settings.concurrency.max(1)));
-    let mut pacer = Pacer::new(settings.rate);
+    let interval = rate_interval_ms(settings.rate);
     let mut next_sweep = Instant::now();
     let lease = settings.timeout + settings.lease_margin;
     while delivery.claiming() {
@@ -169,28 +144,12 @@ pub async fn run(delivery: &'static Delivery) {
             },
             _ = delivery.wake.notified() => continue,
         };
-        let at = pacer.reserve();
-        if at > Instant::now() {
-            tokio::select! {
-                _ = tokio::time::sleep_until(at.into()) => {}
-                _ = delivery.wake.notified() => {
-                    pacer.unreserve(at);
-                    continue;
-                }
-            }
-        }
-        if !delivery.claiming() {
-            break;
-        }
-        let pid = delivery.pid;
-        let claimed = blocking(&delivery.store, move |s| {
-            let now = now_ms();
-            if !s.has_due(now)? {
-                return Ok(Vec::new());
-            }
-            s.claim(pid, 1, now, now + ms(lease))
-        })
-        .await;
+        let due = blocking(&delivery.store, |s| s.has_due(now_ms())).await;
+        let claimed = match due {
+            Ok(true) => claim_paced(delivery, interval, lease).await,
+            Ok(false) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        };
         let claimed = match claimed {
             Ok(claimed) => claimed,
             Err(e) => {
@@ -199,7 +158,6 @@ pub async fn run(delivery: &'static Delivery) {
             }
         };
         if claimed.is_empty() {
-            pacer.unreserve(at);
             drop(permit);
             // Sleep until the next retry is due or the poll interval passes
             // (rows enqueued by other processes), unless woken.
@@ -230,12 +188,52 @@ pub async fn run(delivery: &'static Delivery) {
     }
 }
 
+/// Takes a start slot of the queue-wide rate (when there is one), waits for
+/// it, then claims one row; a slot that found no row (another process
+/// took it, or shutdown) is given back.
+async fn claim_paced(
+    delivery: &'static Delivery,
+    interval: Option<i64>,
+    lease: Duration,
+) -> StoreResult<Vec<Claimed>> {
+    let slot = match interval {
+        Some(interval) => {
+            let slot = blocking(&delivery.store, move |s| s.take_rate_slot(interval, now_ms())).await?;
+            let until = tokio::time::Instant::now()
+                + Duration::from_millis(slot.saturating_sub(now_ms()).max(0) as u64);
+            // Only shutdown cuts the wait short; an enqueue's wake does not.
+            while delivery.claiming() {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => break,
+                    _ = delivery.wake.notified() => {}
+                }
+            }
+            Some((slot, interval))
+        }
+        None => None,
+    };
+    let pid = delivery.pid;
+    let claimed = if delivery.claiming() {
+        blocking(&delivery.store, move |s| {
+            let now = now_ms();
+            s.claim(pid, 1, now, now + ms(lease))
+        })
+        .await?
+    } else {
+        Vec::new()
+    };
+    if let (true, Some((slot, interval))) = (claimed.is_empty(), slot) {
+        blocking(&delivery.store, move |s| s.give_back_rate_slot(slot, interval)).await?;
+    }
+    Ok(claimed)
+}
+
 async fn attempt(delivery: &'static Delivery, row: Claimed) {
     let mut cancelled = delivery.cancelled();
     let id = row.id;
     let attempts = row.attempts;
     let answer = tokio::select! {
-        answer = send(&delivery.settings, row) => answer,
+        answer = send(&delivery.settings, &delivery.store, row) => answer,
         _ = async { drop(cancelled.wait_for(|cut| *cut).await) } => {
             let pid = delivery.pid;
             match blocking(&delivery.store, move |s| s.release(pid, Some(&[id]))).await {
@@ -271,10 +269,10 @@ async fn attempt(delivery: &'static Delivery, row: Claimed) {
 }
 
 /// Sends the request once, bounded by `settings.timeout` as a whole.
-pub async fn send(settings: &DeliverySettings, row: Claimed) -> Answer {
+pub async fn send(settings: &DeliverySettings, store: &Arc<dyn DeliveryStore>, row: Claimed) -> Answer {
     let deadline = tokio::time::Instant::now() + settings.timeout;
     let url = row.url.clone();
-    let request = match build_request(row) {
+    let request = match build_request(store, row) {
         Ok(request) => request,
         Err(error) => return Answer::Failed(error),
     };
@@ -312,7 +310,10 @@ pub async fn send(settings: &DeliverySettings, row: Claimed) -> Answer {
     Answer::Status { status, retry_after }
 }
 
-fn build_request(row: Claimed) -> Result<http::Request<upstream::RequestBody>, String> {
+fn build_request(
+    store: &Arc<dyn DeliveryStore>,
+    row: Claimed,
+) -> Result<http::Request<upstream::RequestBody>, String> {
     let method = http::Method::from_bytes(row.method.as_bytes()).map_err(|e| format!("bad method: {e}"))?;
     let mut builder = http::Request::builder().method(method).uri(&row.url);
     for (name, value) in &row.headers {
@@ -322,10 +323,24 @@ fn build_request(row: Claimed) -> Result<http::Request<upstream::RequestBody>, S
             http::HeaderValue::from_bytes(value).map_err(|e| format!("bad header value for {name}: {e}"))?;
         builder = builder.header(name, value);
     }
-    let body = if row.body.is_empty() {
-        BodySource::Empty
-    } else {
-        BodySource::Bytes(Bytes::from(row.body))
+    let body = match row.body {
+        ClaimedBody::Inline(bytes) if bytes.is_empty() => BodySource::Empty,
+        ClaimedBody::Inline(bytes) => BodySource::Bytes(Bytes::from(bytes)),
+        // Read from the queue while it is sent: memory per attempt stays
+        // at a few chunks whatever the body's size.
+        ClaimedBody::Stored { length } => {
+            let store = store.clone();
+            let id = row.id;
+            BodySource::Chunks {
+                length,
+                chunk: BODY_CHUNK,
+                read: Box::new(move |offset, max| {
+                    store
+                        .read_body(id, offset, max)
+                        .map_err(|e| std::io::Error::other(e.to_string()))
+                }),
+            }
+        }
     };
     builder
         .body(body.into_body().map_err(|e| e.to_string())?)
@@ -391,16 +406,12 @@ mod tests {
     }
 
     #[test]
-    fn pacer_spaces_slots_and_gives_back_unused_ones() {
-        let mut pacer = Pacer::new(10.0);
-        let first = pacer.reserve();
-        let second = pacer.reserve();
-        assert!(second.duration_since(first) >= Duration::from_millis(99));
-        pacer.unreserve(second);
-        assert_eq!(pacer.next, second);
-        let mut free = Pacer::new(0.0);
-        let a = free.reserve();
-        assert!(free.reserve().duration_since(a) < Duration::from_millis(50));
+    fn rate_interval() {
+        assert_eq!(rate_interval_ms(10.0), Some(100));
+        assert_eq!(rate_interval_ms(3.0), Some(333));
+        assert_eq!(rate_interval_ms(5000.0), Some(1));
+        assert_eq!(rate_interval_ms(0.0), None);
+        assert_eq!(rate_interval_ms(f64::INFINITY), None);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! `ThreadedProxy::Native.async_*`: deferred delivery (`proxy_async`).
 //! Arguments are parsed under the GVL; every store call (SQLite: file I/O
-//! and lock waits) runs with the GVL released.
+//! and lock waits; PostgreSQL: round trips) runs with the GVL released.
 
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -13,7 +14,7 @@ use super::errors;
 use super::job::parse_headers;
 use super::nogvl::{guard, nogvl};
 use crate::delivery::store::{now_ms, BodyInput, NewDelivery, StoreError, StoreResult};
-use crate::delivery::{self, Delivery, DeliverySettings};
+use crate::delivery::{self, Delivery, DeliverySettings, QueueLocation};
 use crate::handoff;
 
 fn opt<T: TryConvert>(ruby: &Ruby, hash: RHash, name: &str) -> Result<Option<T>, Error> {
@@ -37,7 +38,9 @@ fn running(ruby: &Ruby) -> Result<&'static Delivery, Error> {
 }
 
 /// Runs a store call without the GVL. SQLite waits are bounded by its busy
-/// timeout, so the unblocking function has nothing to wake; an interrupt
+/// timeout and PostgreSQL's by the connect timeout and short statements
+/// (claims skip locked rows instead of waiting), so the unblocking
+/// function has nothing to wake; an interrupt
 /// that was pending before the call makes it not run at all.
 fn without_gvl<T: Send>(ruby: &Ruby, work: impl FnOnce() -> StoreResult<T> + Send) -> Result<T, Error> {
     match nogvl(ruby, work, || {})? {
@@ -58,23 +61,30 @@ fn settings(ruby: &Ruby, options: RHash) -> Result<DeliverySettings, Error> {
             None => Ok(default),
         }
     };
-    let success = match opt::<RArray>(ruby, options, "success")? {
-        None => defaults.success.clone(),
-        Some(list) => {
-            let mut ranges = Vec::with_capacity(list.len());
-            for pair in list.into_iter() {
-                let pair = RArray::try_convert(pair)?;
-                let low: u16 = pair.entry(0)?;
-                let high: u16 = pair.entry(1)?;
-                ranges.push(low..=high);
+    let ranges =
+        |name: &str, default: &Vec<RangeInclusive<u16>>| -> Result<Vec<RangeInclusive<u16>>, Error> {
+            match opt::<RArray>(ruby, options, name)? {
+                None => Ok(default.clone()),
+                Some(list) => list
+                    .into_iter()
+                    .map(|pair| {
+                        let pair = RArray::try_convert(pair)?;
+                        Ok(pair.entry::<u16>(0)?..=pair.entry::<u16>(1)?)
+                    })
+                    .collect(),
             }
-            ranges
-        }
-    };
+        };
+    let success = ranges("success", &defaults.success)?;
+    let retry = ranges("retry", &defaults.retry)?;
     Ok(DeliverySettings {
-        path: PathBuf::from(
-            opt::<String>(ruby, options, "path")?.unwrap_or_else(|| defaults.path.display().to_string()),
-        ),
+        queue: match (
+            opt::<String>(ruby, options, "url")?,
+            opt::<String>(ruby, options, "path")?,
+        ) {
+            (Some(url), _) => QueueLocation::Postgres(url),
+            (None, Some(path)) => QueueLocation::Sqlite(PathBuf::from(path)),
+            (None, None) => defaults.queue.clone(),
+        },
         concurrency: opt(ruby, options, "concurrency")?.unwrap_or(defaults.concurrency),
         rate: opt(ruby, options, "rate")?.unwrap_or(defaults.rate),
         timeout: duration("timeout", defaults.timeout)?,
@@ -83,6 +93,7 @@ fn settings(ruby: &Ruby, options: RHash) -> Result<DeliverySettings, Error> {
         backoff: duration("backoff", defaults.backoff)?,
         backoff_max: duration("backoff_max", defaults.backoff_max)?,
         success,
+        retry,
         lease_margin: duration("lease_margin", defaults.lease_margin)?,
         poll_interval: duration("poll_interval", defaults.poll_interval)?,
     })
@@ -94,7 +105,7 @@ fn async_start(ruby: &Ruby, options: RHash) -> Result<u32, Error> {
     guard(|| {
         let settings = settings(ruby, options)?;
         if let Some(running) = delivery::existing() {
-            if running.settings.path == settings.path {
+            if running.settings.queue == settings.queue {
                 return Ok(running.pid);
             }
         }
