@@ -9,10 +9,7 @@ class AsyncOrigin < OriginServer
   # A free port on 127.0.0.1, closed again: nothing listens there until an
   # AsyncOrigin is started on it.
   def self.reserve_port
-    server = TCPServer.new("127.0.0.1", 0)
-    server.addr[1]
-  ensure
-    server&.close
+    FreePort.take
   end
 
   def initialize(port: 0)

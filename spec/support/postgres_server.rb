@@ -29,7 +29,7 @@ class PostgresServer
 
     @bin = bin
     @dir = Dir.mktmpdir("threaded-proxy-pg")
-    @port = free_port
+    @port = FreePort.take
     owner = run_as_user
     FileUtils.chown_R(owner, nil, @dir) if owner
     run("initdb", "-D", data_dir, "-U", USER, "-A", "trust", "-E", "UTF8", "--no-sync")
@@ -93,12 +93,5 @@ class PostgresServer
     raise Unavailable, "#{tool} failed (#{status}): #{output.strip}\n#{log}" unless status.success?
 
     output
-  end
-
-  def free_port
-    server = TCPServer.new("127.0.0.1", 0)
-    server.addr[1]
-  ensure
-    server&.close
   end
 end

@@ -62,7 +62,7 @@ class PumaServer
   def start
     raise "already started" if @pid
 
-    @port = free_port
+    @port = FreePort.take
     FileUtils.mkdir_p(LOG_DIR)
     @log_path = File.join(LOG_DIR, "puma-#{Process.pid}-#{self.class.next_id}-#{@port}.log")
     @pid = Process.spawn(child_env, *command, chdir: APP_DIR, in: File::NULL,
@@ -136,13 +136,6 @@ class PumaServer
       "WEB_CONCURRENCY" => @workers.to_s,
       "PUMA_PRELOAD" => @preload ? "1" : "0"
     }.merge(@env)
-  end
-
-  def free_port
-    server = TCPServer.new("127.0.0.1", 0)
-    server.addr[1]
-  ensure
-    server&.close
   end
 
   def wait_until_booted

@@ -363,13 +363,7 @@ impl DeliveryStore for PostgresStore {
                 let state: String = row.try_get(0)?;
                 let tried: bool = row.try_get(1)?;
                 let count = row.try_get::<_, i64>(2)? as u64;
-                match (state.as_str(), tried) {
-                    ("queued", false) => stats.queued += count,
-                    ("queued", true) => stats.retrying += count,
-                    ("in_flight", _) => stats.in_flight += count,
-                    ("dead", _) => stats.dead += count,
-                    _ => {}
-                }
+                stats.add(&state, tried, count);
             }
             stats.delivered = client
                 .query_opt(

@@ -145,6 +145,20 @@ pub struct QueueStats {
     pub dead: u64,
 }
 
+impl QueueStats {
+    /// Counts `count` rows in `state` (`tried`: attempted at least once),
+    /// as both backends group them.
+    pub fn add(&mut self, state: &str, tried: bool, count: u64) {
+        match (state, tried) {
+            ("queued", false) => self.queued += count,
+            ("queued", true) => self.retrying += count,
+            ("in_flight", _) => self.in_flight += count,
+            ("dead", _) => self.dead += count,
+            _ => {}
+        }
+    }
+}
+
 /// What the delivery worker needs from a backend: [`SqliteStore`] (one
 /// machine) or [`super::postgres::PostgresStore`] (several). `owner` is the
 /// claiming process's pid.
@@ -509,14 +523,7 @@ impl DeliveryStore for SqliteStore {
         })?;
         for row in rows {
             let (state, tried, count) = row?;
-            let count = count as u64;
-            match (state.as_str(), tried) {
-                ("queued", false) => stats.queued += count,
-                ("queued", true) => stats.retrying += count,
-                ("in_flight", _) => stats.in_flight += count,
-                ("dead", _) => stats.dead += count,
-                _ => {}
-            }
+            stats.add(&state, tried, count as u64);
         }
         stats.delivered = conn
             .query_row(

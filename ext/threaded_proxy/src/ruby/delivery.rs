@@ -40,16 +40,9 @@ fn running(ruby: &Ruby) -> Result<&'static Delivery, Error> {
 /// Runs a store call without the GVL. SQLite waits are bounded by its busy
 /// timeout and PostgreSQL's by the connect timeout and short statements
 /// (claims skip locked rows instead of waiting), so the unblocking
-/// function has nothing to wake; an interrupt
-/// that was pending before the call makes it not run at all.
+/// function has nothing to wake.
 fn without_gvl<T: Send>(ruby: &Ruby, work: impl FnOnce() -> StoreResult<T> + Send) -> Result<T, Error> {
-    match nogvl(ruby, work, || {})? {
-        Some(result) => result.map_err(|e: StoreError| store_error(ruby, e)),
-        None => Err(Error::new(
-            ruby.exception_interrupt(),
-            "interrupted before the delivery queue was reached",
-        )),
-    }
+    nogvl(ruby, work, || {})?.map_err(|e: StoreError| store_error(ruby, e))
 }
 
 fn settings(ruby: &Ruby, options: RHash) -> Result<DeliverySettings, Error> {
@@ -110,15 +103,8 @@ fn async_start(ruby: &Ruby, options: RHash) -> Result<u32, Error> {
             }
         }
         // Opening creates the schema (a write): no GVL held meanwhile.
-        let started = nogvl(ruby, move || delivery::start(settings).map(|d| d.pid), || {})?;
-        match started {
-            Some(Ok(pid)) => Ok(pid),
-            Some(Err(e)) => Err(store_error(ruby, e)),
-            None => Err(Error::new(
-                ruby.exception_interrupt(),
-                "interrupted while starting deferred delivery",
-            )),
-        }
+        nogvl(ruby, move || delivery::start(settings).map(|d| d.pid), || {})?
+            .map_err(|e| store_error(ruby, e))
     })
 }
 
@@ -236,12 +222,11 @@ fn async_wait_idle(ruby: &Ruby, timeout: f64) -> Result<bool, Error> {
         let deadline = Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
         let interrupted = AtomicBool::new(false);
         let in_flight = &delivery.in_flight;
-        Ok(nogvl(
+        nogvl(
             ruby,
             || in_flight.wait_idle(deadline, &interrupted),
             || in_flight.interrupt(&interrupted),
-        )?
-        .unwrap_or(false))
+        )
     })
 }
 

@@ -208,8 +208,7 @@ impl Job {
                 ruby,
                 || waiting.pop_wait(&interrupted, Some(deadline)),
                 || slot.interrupt(&interrupted),
-            )?
-            .flatten();
+            )?;
             match result {
                 Some(Ok(bytes)) => Ok(bytes),
                 Some(Err(report)) => Err(errors::raise_report(ruby, &report)),

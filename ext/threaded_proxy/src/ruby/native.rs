@@ -121,8 +121,7 @@ fn next_job(ruby: &Ruby, timeout: Option<f64>) -> Result<Option<Job>, Error> {
             ruby,
             || queue.pop_wait(&interrupted, deadline),
             || queue.interrupt(&interrupted),
-        )?
-        .flatten();
+        )?;
         Ok(job.map(Job::from_callback))
     })
 }
@@ -188,12 +187,11 @@ fn wait_idle(ruby: &Ruby, timeout: f64) -> Result<bool, Error> {
         let deadline = Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
         let interrupted = AtomicBool::new(false);
         let tracker = &proxy.tracker;
-        Ok(nogvl(
+        nogvl(
             ruby,
             || tracker.wait_idle(deadline, &interrupted),
             || tracker.interrupt(&interrupted),
-        )?
-        .unwrap_or(false))
+        )
     })
 }
 

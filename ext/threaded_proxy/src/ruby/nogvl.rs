@@ -33,9 +33,16 @@ unsafe extern "C" fn unblock<U: Fn()>(data: *mut c_void) {
     let _ = panic::catch_unwind(AssertUnwindSafe(unblock));
 }
 
-/// Runs `work` with the GVL released. `Ok(None)` when Ruby had an interrupt
-/// pending and did not run it; the interrupt fires once we are back in Ruby.
-pub fn nogvl<F, R, U>(ruby: &Ruby, work: F, unblock_with: U) -> Result<Option<R>, Error>
+/// Runs `work` with the GVL released.
+///
+/// `rb_thread_call_without_gvl2` does not run `work` at all while any
+/// interrupt is pending, and that includes the timer interrupt Ruby sets to
+/// share the GVL between busy threads, not only Thread#raise or a signal.
+/// So a call that did not run handles the pending interrupts
+/// (`rb_thread_check_ints`: raises for Thread#raise/kill, runs trap
+/// handlers, yields for the timer) and tries again; an exception from them
+/// is returned as the error.
+pub fn nogvl<F, R, U>(ruby: &Ruby, work: F, unblock_with: U) -> Result<R, Error>
 where
     F: FnOnce() -> R + Send,
     R: Send,
@@ -45,21 +52,27 @@ where
         work: Some(work),
         result: None,
     };
-    // SAFETY: both pointers refer to locals that live until this returns;
-    // `run` and `unblock` touch no Ruby API (they run without the GVL, the
-    // unblocking function possibly on another thread).
-    unsafe {
-        rb_sys::rb_thread_call_without_gvl2(
-            Some(run::<F, R>),
-            &mut call as *mut Call<F, R> as *mut c_void,
-            Some(unblock::<U>),
-            &unblock_with as *const U as *mut c_void,
-        );
-    }
-    match call.result {
-        None => Ok(None),
-        Some(Ok(value)) => Ok(Some(value)),
-        Some(Err(panic)) => {
+    let result = loop {
+        // SAFETY: both pointers refer to locals that live until this
+        // returns; `run` and `unblock` touch no Ruby API (they run without
+        // the GVL, the unblocking function possibly on another thread).
+        unsafe {
+            rb_sys::rb_thread_call_without_gvl2(
+                Some(run::<F, R>),
+                &mut call as *mut Call<F, R> as *mut c_void,
+                Some(unblock::<U>),
+                &unblock_with as *const U as *mut c_void,
+            );
+        }
+        match call.result.take() {
+            Some(result) => break result,
+            // Not run: an interrupt was pending. `work` is still in `call`.
+            None => ruby.thread_check_ints()?,
+        }
+    };
+    match result {
+        Ok(value) => Ok(value),
+        Err(panic) => {
             let message = panic
                 .downcast_ref::<&str>()
                 .map(|s| s.to_string())
