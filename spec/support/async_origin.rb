@@ -13,22 +13,8 @@ class AsyncOrigin < OriginServer
   end
 
   def initialize(port: 0)
-    super()
-    @fixed_port = port
+    super(port: port)
     @arrivals = []
-  end
-
-  def start
-    @mon.synchronize do
-      raise "OriginServer already started" if @started
-
-      @started = true
-    end
-    @listener = TCPServer.new("127.0.0.1", @fixed_port)
-    @port = @listener.addr[1]
-    @accept_thread = Thread.new { accept_loop }
-    @accept_thread.report_on_exception = false
-    self
   end
 
   # Monotonic arrival times (request fully read), oldest first.

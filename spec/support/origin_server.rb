@@ -273,8 +273,11 @@ class OriginServer
 
   attr_reader :port
 
-  def initialize(tls: nil)
+  # `port` 0 picks a free one; a fixed one brings an origin up where
+  # requests have been failing.
+  def initialize(tls: nil, port: 0)
     @tls = tls
+    @listen_port = port
     @mon = Monitor.new
     @cond = @mon.new_cond
     @listener = nil
@@ -299,7 +302,7 @@ class OriginServer
 
       @started = true
     end
-    @listener = TCPServer.new("127.0.0.1", 0)
+    @listener = TCPServer.new("127.0.0.1", @listen_port)
     @port = @listener.addr[1]
     @accept_thread = Thread.new { accept_loop }
     @accept_thread.report_on_exception = false

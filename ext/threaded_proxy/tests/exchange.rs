@@ -2,6 +2,8 @@
 //! 127.0.0.1 port 0, a Unix socket pair standing in for the hijacked client,
 //! and a plain thread standing in for the Ruby callback dispatcher.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::os::fd::OwnedFd;
@@ -14,9 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use threaded_proxy::callbacks::{CallbackEvent, CallbackReply, Summary};
 use threaded_proxy::exchange::{self, CallbackSet, ExchangeSpec, Timeouts};
-use threaded_proxy::headers::ClientRequest;
 use threaded_proxy::runtime;
-use threaded_proxy::upstream::{BodySource, TlsSettings};
 
 /// An origin that answers each connection with `response` (after reading
 /// the request head) and reports when the peer closed.
@@ -54,26 +54,16 @@ fn origin(response: &'static [u8], hold_open: bool) -> Origin {
 
 fn spec(url: &str, callbacks: CallbackSet, header_timeout: Duration) -> ExchangeSpec {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let base = common::get(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed), url);
     ExchangeSpec {
-        id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        method: http::Method::GET,
-        url: url.to_owned(),
         headers: vec![("x-test".into(), Bytes::from_static(b"1"))],
-        body: BodySource::Empty,
-        client: ClientRequest {
-            head_only: false,
-            http10: false,
-        },
         callbacks,
         timeouts: Timeouts {
-            connect: Duration::from_secs(2),
             header: header_timeout,
             idle: Duration::from_secs(2),
+            ..base.timeouts
         },
-        tls: TlsSettings::default(),
-        max_buffered_body: 1 << 20,
-        upgrade: None,
-        tunnel: None,
+        ..base
     }
 }
 

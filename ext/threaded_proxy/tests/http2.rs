@@ -1,6 +1,8 @@
 //! HTTP/2 to https origins is negotiated through ALPN, and one origin
 //! connection carries many exchanges.
 
+mod common;
+
 use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
@@ -13,10 +15,9 @@ use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use threaded_proxy::exchange::{self, CallbackSet, ExchangeSpec, Timeouts};
-use threaded_proxy::headers::ClientRequest;
+use threaded_proxy::exchange::{self, ExchangeSpec};
 use threaded_proxy::runtime;
-use threaded_proxy::upstream::{BodySource, TlsSettings};
+use threaded_proxy::upstream::TlsSettings;
 
 /// Serves h2 only (ALPN "h2"); answers with the protocol version it saw.
 fn h2_origin(connections: Arc<AtomicUsize>) -> String {
@@ -72,29 +73,13 @@ fn fetch(url: &str) -> String {
     let (mut ours, theirs) = UnixStream::pair().unwrap();
     ours.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let spec = ExchangeSpec {
-        id: 0,
-        method: http::Method::GET,
-        url: url.to_owned(),
-        headers: vec![],
-        body: BodySource::Empty,
-        client: ClientRequest {
-            head_only: false,
-            http10: false,
-        },
-        callbacks: CallbackSet::default(),
-        timeouts: Timeouts {
-            connect: Duration::from_secs(2),
-            header: Duration::from_secs(5),
-            idle: Duration::from_secs(5),
-        },
         // A self-signed test certificate; ALPN is what is under test.
         tls: TlsSettings {
             verify: false,
             ca_file: None,
         },
         max_buffered_body: 1024,
-        upgrade: None,
-        tunnel: None,
+        ..common::get(0, url)
     };
     exchange::start(runtime::current().unwrap(), spec, OwnedFd::from(theirs));
     let mut out = String::new();

@@ -4,6 +4,8 @@
 //! so the number is the proxy's own: the exchange task, the origin
 //! connection, the client writer, buffers.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::io::Read;
@@ -13,10 +15,8 @@ use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use threaded_proxy::exchange::{self, CallbackSet, ExchangeSpec, Timeouts};
-use threaded_proxy::headers::ClientRequest;
+use threaded_proxy::exchange::{self, ExchangeSpec, Timeouts};
 use threaded_proxy::runtime;
-use threaded_proxy::upstream::{BodySource, TlsSettings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Counting;
@@ -102,26 +102,15 @@ fn sse_origin() -> String {
 }
 
 fn spec(id: u64, url: &str) -> ExchangeSpec {
+    let base = common::get(id, url);
     ExchangeSpec {
-        id,
-        method: http::Method::GET,
-        url: url.to_owned(),
         headers: vec![("accept".into(), Bytes::from_static(b"text/event-stream"))],
-        body: BodySource::Empty,
-        client: ClientRequest {
-            head_only: false,
-            http10: false,
-        },
-        callbacks: CallbackSet::default(),
         timeouts: Timeouts {
             connect: Duration::from_secs(5),
             header: Duration::from_secs(10),
             idle: Duration::from_secs(60),
         },
-        tls: TlsSettings::default(),
-        max_buffered_body: 1 << 20,
-        upgrade: None,
-        tunnel: None,
+        ..base
     }
 }
 

@@ -21,12 +21,12 @@ use std::fmt;
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
 
-use crate::runtime;
+use crate::runtime::{self, Tracker};
 use store::{DeliveryStore, SqliteStore, StoreError};
 
 /// Where the queue lives.
@@ -137,69 +137,13 @@ pub enum DeliveryError {
     OtherQueue { running: String, wanted: String },
 }
 
-/// Counts running attempts so shutdown can wait for them.
-#[derive(Default)]
-pub struct InFlight {
-    count: Mutex<usize>,
-    idle: Condvar,
-}
-
-pub struct InFlightGuard(Arc<InFlight>);
-
-impl Drop for InFlightGuard {
-    fn drop(&mut self) {
-        let mut count = self.0.count.lock().unwrap_or_else(|e| e.into_inner());
-        *count -= 1;
-        if *count == 0 {
-            self.0.idle.notify_all();
-        }
-    }
-}
-
-impl InFlight {
-    pub fn enter(self: &Arc<Self>) -> InFlightGuard {
-        *self.count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-        InFlightGuard(self.clone())
-    }
-
-    pub fn count(&self) -> usize {
-        *self.count.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Waits until nothing runs, `deadline` passes or `interrupted` is set;
-    /// true when idle.
-    pub fn wait_idle(&self, deadline: Instant, interrupted: &AtomicBool) -> bool {
-        let mut count = self.count.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if *count == 0 {
-                return true;
-            }
-            let now = Instant::now();
-            if now >= deadline || interrupted.load(Ordering::Acquire) {
-                return false;
-            }
-            count = self
-                .idle
-                .wait_timeout(count, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-    }
-
-    /// Wakes a [`InFlight::wait_idle`] caller (unblocking function).
-    pub fn interrupt(&self, flag: &AtomicBool) {
-        flag.store(true, Ordering::Release);
-        let _count = self.count.lock().unwrap_or_else(|e| e.into_inner());
-        self.idle.notify_all();
-    }
-}
-
 /// This process's delivery service.
 pub struct Delivery {
     pub pid: u32,
     pub settings: DeliverySettings,
     pub store: Arc<dyn DeliveryStore>,
-    pub in_flight: Arc<InFlight>,
+    /// Running attempts, so shutdown can wait for them.
+    pub in_flight: Tracker,
     /// Cleared by shutdown: the worker claims nothing more.
     claiming: AtomicBool,
     /// Wakes the worker (a row was enqueued here, or shutdown).
@@ -240,7 +184,7 @@ impl Delivery {
     /// Blocks: call without the GVL. The number of rows given back.
     pub fn abandon(&self) -> Result<u64, StoreError> {
         self.stop_claiming();
-        if self.in_flight.count() > 0 {
+        if self.in_flight.active() > 0 {
             self.cancel.send_replace(true);
             let grace = Instant::now() + Duration::from_secs(1);
             self.in_flight.wait_idle(grace, &AtomicBool::new(false));
@@ -275,7 +219,7 @@ pub fn start(settings: DeliverySettings) -> Result<&'static Delivery, DeliveryEr
         pid,
         settings,
         store,
-        in_flight: Arc::new(InFlight::default()),
+        in_flight: Tracker::default(),
         claiming: AtomicBool::new(true),
         wake: Notify::new(),
         cancel: watch::channel(false).0,

@@ -4,15 +4,14 @@
 
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use magnus::value::ReprValue;
 use magnus::{Error, RArray, RHash, Ruby, Symbol, TryConvert, Value};
 
 use super::errors;
 use super::job::parse_headers;
-use super::nogvl::{guard, nogvl};
+use super::nogvl::{self, guard, nogvl};
 use crate::delivery::store::{now_ms, BodyInput, NewDelivery, StoreError, StoreResult};
 use crate::delivery::{self, Delivery, DeliverySettings, QueueLocation};
 use crate::handoff;
@@ -170,7 +169,7 @@ fn async_stats(ruby: &Ruby) -> Result<RHash, Error> {
         hash.aset(ruby.to_symbol("delivered"), stats.delivered)?;
         hash.aset(ruby.to_symbol("retrying"), stats.retrying)?;
         hash.aset(ruby.to_symbol("dead"), stats.dead)?;
-        hash.aset(ruby.to_symbol("running_here"), delivery.in_flight.count())?;
+        hash.aset(ruby.to_symbol("running_here"), delivery.in_flight.active())?;
         Ok(hash)
     })
 }
@@ -215,18 +214,9 @@ fn async_stop_claiming() {
 /// Waits up to `timeout` seconds, GVL released, for running attempts to
 /// end; true when none is left (returns early on a Ruby interrupt).
 fn async_wait_idle(ruby: &Ruby, timeout: f64) -> Result<bool, Error> {
-    guard(|| {
-        let Some(delivery) = delivery::existing() else {
-            return Ok(true);
-        };
-        let deadline = Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
-        let interrupted = AtomicBool::new(false);
-        let in_flight = &delivery.in_flight;
-        nogvl(
-            ruby,
-            || in_flight.wait_idle(deadline, &interrupted),
-            || in_flight.interrupt(&interrupted),
-        )
+    guard(|| match delivery::existing() {
+        Some(delivery) => nogvl::wait_idle(ruby, &delivery.in_flight, timeout),
+        None => Ok(true),
     })
 }
 

@@ -10,7 +10,7 @@ use magnus::{Error, RHash, Ruby, Symbol, TryConvert, Value};
 
 use super::errors;
 use super::job::{parse_headers, Job};
-use super::nogvl::{guard, nogvl};
+use super::nogvl::{self, guard, nogvl};
 use crate::exchange::{self, CallbackSet, ExchangeSpec, Timeouts, TunnelTarget};
 use crate::handoff;
 use crate::headers::ClientRequest;
@@ -180,18 +180,9 @@ fn stop_accepting() {
 /// Waits up to `timeout` seconds, GVL released, for running exchanges to
 /// end; true when none is left.
 fn wait_idle(ruby: &Ruby, timeout: f64) -> Result<bool, Error> {
-    guard(|| {
-        let Some(proxy) = runtime::existing() else {
-            return Ok(true);
-        };
-        let deadline = Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
-        let interrupted = AtomicBool::new(false);
-        let tracker = &proxy.tracker;
-        nogvl(
-            ruby,
-            || tracker.wait_idle(deadline, &interrupted),
-            || tracker.interrupt(&interrupted),
-        )
+    guard(|| match runtime::existing() {
+        Some(proxy) => nogvl::wait_idle(ruby, &proxy.tracker, timeout),
+        None => Ok(true),
     })
 }
 

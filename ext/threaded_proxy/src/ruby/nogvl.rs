@@ -8,8 +8,12 @@
 
 use std::ffi::c_void;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
 
 use magnus::{Error, Ruby};
+
+use crate::runtime::Tracker;
 
 struct Call<F, R> {
     work: Option<F>,
@@ -84,6 +88,18 @@ where
             ))
         }
     }
+}
+
+/// Waits up to `timeout` seconds, GVL released, until nothing counted by
+/// `tracker` runs; true when idle. Thread#raise and shutdown wake it.
+pub fn wait_idle(ruby: &Ruby, tracker: &Tracker, timeout: f64) -> Result<bool, Error> {
+    let deadline = Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
+    let interrupted = AtomicBool::new(false);
+    nogvl(
+        ruby,
+        || tracker.wait_idle(deadline, &interrupted),
+        || tracker.interrupt(&interrupted),
+    )
 }
 
 /// Catches a panic in a Ruby-facing function and raises it as a Ruby error
