@@ -23,10 +23,18 @@ use crate::callbacks::{
 use crate::errors::{ErrorReport, ProxyError};
 use crate::handoff::{self, ClientSocket};
 use crate::headers::{self, ClientRequest, Framing, HeaderList};
+use crate::http1_origin::{self, PlainBody};
 use crate::relay::{self, ClientWriter};
 use crate::runtime::Proxy;
+use crate::splice::{self, SpliceEnd};
 use crate::tunnel::{self, TunnelCounts, TunnelEnd};
-use crate::upstream::{self, BodySource, BoxError, TlsSettings};
+use crate::upstream::{self, BodySource, BoxError, OriginBody, TlsSettings};
+
+/// What the origin answered: a body to relay, or hyper's 101 to upgrade.
+enum OriginResponse {
+    Body(OriginBody),
+    Switching(http::Response<hyper::body::Incoming>),
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -180,6 +188,7 @@ where
         finished_cleanly: false,
         client_reader: None,
         tunnel_counts: TunnelCounts::default(),
+        client_fd: raw_fd,
     };
     // A tunnel reads the client itself; anything else watches it for EOF.
     let mut watched = if exchange.spec.tunnels() {
@@ -249,6 +258,8 @@ struct Exchange<R, W> {
     /// The client's read half, for tunnels (which copy from it).
     client_reader: Option<R>,
     tunnel_counts: TunnelCounts,
+    /// The client socket's descriptor, for splicing a body into it.
+    client_fd: RawFd,
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
@@ -296,45 +307,28 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         if let Some(target) = self.spec.tunnel.clone() {
             return self.raw_tunnel(target).await;
         }
-        let client = proxy
-            .upstream
-            .client(&self.spec.tls, self.spec.timeouts.connect, &self.spec.url)?;
-        let request = self.build_request()?;
-        let response = match tokio::time::timeout(self.spec.timeouts.header, client.request(request)).await {
-            Err(_) => {
-                return Err(ProxyError::Timeout {
-                    url: self.spec.url.clone(),
-                    phase: "waiting for the response headers",
-                })
-            }
-            Ok(Err(e)) => return Err(upstream::classify(&e, &self.spec.url)),
-            Ok(Ok(response)) => response,
-        };
+        let (status, reason, origin_headers, body) = self.send_request().await?;
         self.time_to_first_byte = Some(self.started.elapsed());
-        if self.spec.upgrade.is_some() && response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-            return self.switch_protocols(response).await;
-        }
-        if headers::ambiguous_framing(response.headers()) {
+        let body = match body {
+            OriginResponse::Switching(response) => return self.switch_protocols(response).await,
+            OriginResponse::Body(body) => body,
+        };
+        if headers::ambiguous_framing(&origin_headers) {
             return Err(ProxyError::Upstream {
                 url: self.spec.url.clone(),
                 message: "response has both Content-Length and Transfer-Encoding".to_owned(),
                 errno: None,
             });
         }
-        let (parts, body) = response.into_parts();
-        let head_length = parts
-            .headers
+        let head_length = origin_headers
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
         let body_length = body.size_hint().exact();
         let mut head = ResponseHead {
-            status: parts.status.as_u16(),
-            reason: parts
-                .extensions
-                .get::<hyper::ext::ReasonPhrase>()
-                .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned()),
-            headers: headers::end_to_end(&parts.headers),
+            status: status.as_u16(),
+            reason,
+            headers: headers::end_to_end(&origin_headers),
         };
 
         if self.spec.callbacks.on_headers {
@@ -353,7 +347,158 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         if self.spec.callbacks.on_response {
             return self.serve_on_response(head, body, body_length, head_length).await;
         }
+        if let OriginBody::Plain(plain) = body {
+            return self.relay_plain(head, plain, body_length, head_length).await;
+        }
         self.relay_origin(head, body, body_length, head_length).await
+    }
+
+    /// Sends the request: plain-http bodiless requests on the gem's own
+    /// HTTP/1.1 connection, everything else through hyper.
+    async fn send_request(
+        &mut self,
+    ) -> Result<(http::StatusCode, Option<String>, http::HeaderMap, OriginResponse), ProxyError> {
+        let proxy = self.proxy;
+        let timed_out = |url: &str| ProxyError::Timeout {
+            url: url.to_owned(),
+            phase: "waiting for the response headers",
+        };
+        let spec = &self.spec;
+        if http1_origin::serves(
+            &spec.url,
+            &spec.method,
+            !spec.body.is_empty(),
+            spec.upgrade.is_some(),
+        ) {
+            // Fields, not the spec: its body source is not Sync.
+            let (url, method, headers, timeouts) = (&spec.url, &spec.method, &spec.headers, spec.timeouts);
+            let send = proxy.upstream.http1.send(url, method, headers, timeouts.connect);
+            let (head, body) = match tokio::time::timeout(timeouts.header, send).await {
+                Err(_) => return Err(timed_out(url)),
+                Ok(result) => result?,
+            };
+            let body = OriginResponse::Body(OriginBody::Plain(body));
+            return Ok((head.status, head.reason, head.headers, body));
+        }
+        let client = proxy
+            .upstream
+            .client(&spec.tls, spec.timeouts.connect, &spec.url)?;
+        let request = self.build_request()?;
+        let response = match tokio::time::timeout(self.spec.timeouts.header, client.request(request)).await {
+            Err(_) => return Err(timed_out(&self.spec.url)),
+            Ok(Err(e)) => return Err(upstream::classify(&e, &self.spec.url)),
+            Ok(Ok(response)) => response,
+        };
+        let status = response.status();
+        if self.spec.upgrade.is_some() && status == http::StatusCode::SWITCHING_PROTOCOLS {
+            let headers = response.headers().clone();
+            return Ok((status, None, headers, OriginResponse::Switching(response)));
+        }
+        let (parts, body) = response.into_parts();
+        let reason = parts
+            .extensions
+            .get::<hyper::ext::ReasonPhrase>()
+            .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned());
+        Ok((
+            parts.status,
+            reason,
+            parts.headers,
+            OriginResponse::Body(OriginBody::Hyper(body)),
+        ))
+    }
+
+    /// A plain-http origin body: spliced from socket to socket when it is
+    /// relayed unchanged with a known length, else copied.
+    async fn relay_plain(
+        &mut self,
+        head: ResponseHead,
+        mut body: PlainBody,
+        body_length: Option<u64>,
+        head_length: Option<u64>,
+    ) -> Result<(), ProxyError> {
+        let framing = headers::framing(head.status, self.spec.client, body_length);
+        let spliceable = matches!((framing, body_length), (Framing::Length(n), Some(m)) if n == m && n >= splice::MIN_BODY);
+        let splicer = if spliceable {
+            splice::Splicer::new(self.client_fd).ok()
+        } else {
+            None
+        };
+        let Some(splicer) = splicer else {
+            return self
+                .relay_origin(head, OriginBody::Plain(body), body_length, head_length)
+                .await;
+        };
+        self.validate_head(&head.headers)?;
+        self.send_head(
+            head.status,
+            head.reason.as_deref(),
+            &head.headers,
+            framing,
+            head_length,
+        )
+        .await?;
+        let Some((buffered, left)) = body.take_for_splice() else {
+            return Err(ProxyError::Internal {
+                message: "origin body lost its length before the splice".to_owned(),
+            });
+        };
+        if !buffered.is_empty() {
+            self.count_from_origin(buffered.len() as u64);
+            let before = self.writer.bytes_written;
+            let sent = self.writer.send_body(buffered).await;
+            self.count_to_client(before);
+            sent?;
+        }
+        let Some(origin) = body.stream() else {
+            return Err(ProxyError::Internal {
+                message: "origin connection lost before the splice".to_owned(),
+            });
+        };
+        let proxy = self.proxy;
+        let mut spliced = 0u64;
+        let mut moved = |n: u64| {
+            spliced += n;
+            proxy.stats.bytes_from_origin.fetch_add(n, Relaxed);
+            proxy.stats.bytes_to_client.fetch_add(n, Relaxed);
+            proxy.stats.bytes_spliced.fetch_add(n, Relaxed);
+        };
+        let copied = splicer
+            .copy(origin, left, self.spec.timeouts.idle, &mut moved)
+            .await;
+        self.bytes_from_origin += spliced;
+        self.writer.add_body_written(spliced);
+        drop(splicer);
+        let url = || self.spec.url.clone();
+        match copied {
+            Ok(()) => body.spliced_to_end(),
+            Err(SpliceEnd::OriginClosed(left)) => {
+                return Err(ProxyError::Upstream {
+                    url: url(),
+                    message: format!("origin closed the connection with {left} body bytes still to come"),
+                    errno: None,
+                })
+            }
+            Err(SpliceEnd::OriginIdle) => {
+                return Err(ProxyError::Timeout {
+                    url: url(),
+                    phase: "waiting for the response body",
+                })
+            }
+            Err(SpliceEnd::OriginFailed(e)) => {
+                return Err(ProxyError::Upstream {
+                    url: url(),
+                    message: format!("reading the response body: {e}"),
+                    errno: e.raw_os_error(),
+                })
+            }
+            Err(SpliceEnd::ClientIdle) => {
+                return Err(ProxyError::Client {
+                    message: format!("client read nothing for {:?}", self.spec.timeouts.idle),
+                })
+            }
+            Err(SpliceEnd::ClientFailed(e)) => return Err(ProxyError::client(&e)),
+        }
+        self.finish().await
     }
 
     /// The origin accepted the upgrade: answer the client's 101 (after
@@ -585,6 +730,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         sent
     }
 
+    fn count_from_origin(&mut self, n: u64) {
+        self.bytes_from_origin += n;
+        self.proxy.stats.bytes_from_origin.fetch_add(n, Relaxed);
+    }
+
     fn count_to_client(&self, before: u64) {
         self.proxy
             .stats
@@ -664,11 +814,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
             };
             if let Ok(data) = frame.into_data() {
                 if from_origin {
-                    self.bytes_from_origin += data.len() as u64;
-                    self.proxy
-                        .stats
-                        .bytes_from_origin
-                        .fetch_add(data.len() as u64, Relaxed);
+                    self.count_from_origin(data.len() as u64);
                 }
                 return Ok(Some(data));
             }

@@ -8,6 +8,9 @@
 //! # Layout
 //! - `exchange`: one exchange from admission to summary (the orchestration).
 //! - `upstream`: pooled hyper-util clients, TLS, request bodies, error mapping.
+//! - `http1_origin`: the gem's own HTTP/1.1 client for bodiless plain-http
+//!   requests (small idle footprint, and the socket stays ours for splice).
+//! - `splice`: Content-Length bodies moved socket to socket in the kernel.
 //! - `relay`: writing the response to the client (framing, bounds, abort).
 //! - `headers`: hop-by-hop rules, validation, the response head.
 //! - `handoff`: fd → tokio stream.
@@ -24,9 +27,11 @@ pub mod errors;
 pub mod exchange;
 pub mod handoff;
 pub mod headers;
+pub mod http1_origin;
 pub mod limits;
 pub mod relay;
 pub mod runtime;
+pub mod splice;
 pub mod stats;
 pub mod tunnel;
 pub mod upstream;

@@ -66,6 +66,13 @@ impl<W: AsyncWrite + Unpin> ClientWriter<W> {
         self.bytes_written += n;
     }
 
+    /// Counts body bytes that reached the client around this writer
+    /// (splice), so `finish` still checks the Content-Length promise.
+    pub fn add_body_written(&mut self, n: u64) {
+        self.bytes_written += n;
+        self.body_written += n;
+    }
+
     /// Sends one piece of body in the chosen framing.
     pub async fn send_body(&mut self, data: Bytes) -> Result<(), ProxyError> {
         if data.is_empty() {

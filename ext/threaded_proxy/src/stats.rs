@@ -16,6 +16,9 @@ pub struct Stats {
     /// Bytes clients sent through tunnels.
     pub bytes_from_client: AtomicU64,
     pub callbacks_run: AtomicU64,
+    /// Body bytes moved origin → client by splice(2) (also counted in both
+    /// byte counters above).
+    pub bytes_spliced: AtomicU64,
     /// Indexed by `ErrorKind::index`.
     pub failed: [AtomicU64; ErrorKind::ALL.len()],
 }
@@ -42,6 +45,7 @@ impl Stats {
                 self.bytes_from_client.load(Relaxed),
             ),
             ("callbacks_run".to_owned(), self.callbacks_run.load(Relaxed)),
+            ("bytes_spliced".to_owned(), self.bytes_spliced.load(Relaxed)),
         ];
         let mut total = 0;
         for kind in ErrorKind::ALL {

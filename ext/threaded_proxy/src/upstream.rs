@@ -26,6 +26,7 @@ use rustls_pki_types::pem::PemObject;
 use tokio::sync::mpsc;
 
 use crate::errors::ProxyError;
+use crate::http1_origin::{Http1Pool, PlainBody};
 
 pub type BoxError = Box<dyn StdError + Send + Sync>;
 pub type RequestBody = BoxBody<Bytes, BoxError>;
@@ -48,9 +49,12 @@ impl Default for TlsSettings {
     }
 }
 
-/// One client per distinct (TLS settings, connect timeout): each owns a pool.
+/// One hyper client per distinct (TLS settings, connect timeout), each with
+/// its pool; plus the gem's own HTTP/1.1 pool for bodiless plain-http
+/// requests (see `http1_origin`).
 pub struct Upstream {
     clients: Mutex<HashMap<(TlsSettings, Duration), HttpClient>>,
+    pub http1: Http1Pool,
     pool_idle_timeout: Duration,
     pool_max_idle_per_host: usize,
 }
@@ -59,6 +63,7 @@ impl Upstream {
     pub fn new(pool_idle_timeout: Duration, pool_max_idle_per_host: usize) -> Self {
         Upstream {
             clients: Mutex::new(HashMap::new()),
+            http1: Http1Pool::new(pool_idle_timeout, pool_max_idle_per_host),
             pool_idle_timeout,
             pool_max_idle_per_host,
         }
@@ -201,6 +206,17 @@ pub enum BodySource {
     },
 }
 
+impl BodySource {
+    /// No bytes to send (nil, or an empty string).
+    pub fn is_empty(&self) -> bool {
+        match self {
+            BodySource::Empty => true,
+            BodySource::Bytes(bytes) => bytes.is_empty(),
+            _ => false,
+        }
+    }
+}
+
 pub type ChunkReader = Box<dyn FnMut(u64, usize) -> std::io::Result<Vec<u8>> + Send>;
 
 const FILE_CHUNK: usize = 64 * 1024;
@@ -293,6 +309,42 @@ impl Body for ChannelBody {
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::with_exact(self.left)
+    }
+}
+
+/// An origin's response body, from hyper or from the gem's own HTTP/1.1
+/// connection.
+pub enum OriginBody {
+    Hyper(hyper::body::Incoming),
+    Plain(PlainBody),
+}
+
+impl Body for OriginBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            OriginBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            OriginBody::Plain(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            OriginBody::Hyper(body) => body.is_end_stream(),
+            OriginBody::Plain(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            OriginBody::Hyper(body) => body.size_hint(),
+            OriginBody::Plain(body) => body.size_hint(),
+        }
     }
 }
 

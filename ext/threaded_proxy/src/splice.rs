@@ -1,0 +1,157 @@
+//! Moving a plain-HTTP body of known length from the origin socket to the
+//! client socket with splice(2): the bytes pass through a pipe inside the
+//! kernel and never into user space. Only a body the proxy relays unchanged
+//! qualifies (known length, no re-framing, no TLS on either side).
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+use crate::handoff;
+
+/// Bodies below this size are copied: a pipe and a second registration of
+/// the client socket cost more than copying a few pages.
+pub const MIN_BODY: u64 = 128 * 1024;
+/// Asked of the kernel per pipe (it may give less; the default is 64 KiB).
+const PIPE_SIZE: i32 = 1024 * 1024;
+
+/// How a splice stopped early.
+#[derive(Debug)]
+pub enum SpliceEnd {
+    /// The origin closed with this many body bytes still to come.
+    OriginClosed(u64),
+    OriginIdle,
+    OriginFailed(io::Error),
+    ClientIdle,
+    ClientFailed(io::Error),
+}
+
+/// A pipe and a writable-readiness registration of the client socket, for
+/// one body.
+pub struct Splicer {
+    pipe_read: OwnedFd,
+    pipe_write: OwnedFd,
+    capacity: usize,
+    /// A duplicate of the client's descriptor: the exchange's own
+    /// registration belongs to its split halves, and epoll takes a second
+    /// one only under another descriptor.
+    client: AsyncFd<OwnedFd>,
+}
+
+impl Splicer {
+    /// Fails (and the body is copied instead) when no descriptor is left
+    /// for the pipe.
+    pub fn new(client_fd: RawFd) -> io::Result<Splicer> {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two descriptors into the array it is given.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both descriptors are fresh and owned by nobody else.
+        let (pipe_read, pipe_write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: F_SETPIPE_SZ / F_GETPIPE_SZ only act on our own pipe; a
+        // refusal (over the user's pipe budget) leaves the default size.
+        let capacity = unsafe {
+            libc::fcntl(pipe_write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE);
+            libc::fcntl(pipe_write.as_raw_fd(), libc::F_GETPIPE_SZ)
+        };
+        let duplicate = handoff::duplicate(client_fd)?;
+        // SAFETY: the AsyncFd owns the duplicate, so the descriptor stays
+        // open and names the same socket until the AsyncFd is dropped.
+        let client = unsafe { AsyncFd::register_with_interest(duplicate, Interest::WRITABLE) }
+            .map_err(io::Error::from)?;
+        Ok(Splicer {
+            pipe_read,
+            pipe_write,
+            capacity: usize::try_from(capacity).unwrap_or(64 * 1024).max(4096),
+            client,
+        })
+    }
+
+    /// Moves exactly `length` bytes from `origin` to the client, each wait
+    /// bounded by `idle`; `moved` hears of every piece that reached the
+    /// client.
+    pub async fn copy(
+        &self,
+        origin: &TcpStream,
+        length: u64,
+        idle: Duration,
+        moved: &mut (dyn FnMut(u64) + Send),
+    ) -> Result<(), SpliceEnd> {
+        let mut to_read = length;
+        while to_read > 0 {
+            let want = to_read.min(self.capacity as u64) as usize;
+            let mut in_pipe = match tokio::time::timeout(idle, self.fill(origin, want)).await {
+                Err(_) => return Err(SpliceEnd::OriginIdle),
+                Ok(Ok(0)) => return Err(SpliceEnd::OriginClosed(to_read)),
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => return Err(SpliceEnd::OriginFailed(e)),
+            };
+            to_read -= in_pipe as u64;
+            while in_pipe > 0 {
+                match tokio::time::timeout(idle, self.drain(in_pipe)).await {
+                    Err(_) => return Err(SpliceEnd::ClientIdle),
+                    Ok(Ok(n)) => {
+                        in_pipe -= n;
+                        moved(n as u64);
+                    }
+                    Ok(Err(e)) => return Err(SpliceEnd::ClientFailed(e)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Origin socket → pipe, once the socket has data: 0 at EOF.
+    async fn fill(&self, origin: &TcpStream, want: usize) -> io::Result<usize> {
+        loop {
+            origin.readable().await?;
+            let result = origin.try_io(Interest::READABLE, || {
+                splice(origin.as_raw_fd(), self.pipe_write.as_raw_fd(), want)
+            });
+            match result {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Pipe → client socket, once it takes more.
+    async fn drain(&self, in_pipe: usize) -> io::Result<usize> {
+        loop {
+            let mut ready = self.client.writable().await?;
+            let result =
+                ready.try_io(|client| splice(self.pipe_read.as_raw_fd(), client.as_raw_fd(), in_pipe));
+            match result {
+                Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(other) => return other,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: both descriptors are open for the call's duration (owned by
+    // the caller's borrowed values); null offsets mean "the file position",
+    // as required for pipes and sockets.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
