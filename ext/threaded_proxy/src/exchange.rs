@@ -428,15 +428,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
                 .relay_origin(head, OriginBody::Plain(body), body_length, head_length)
                 .await;
         };
-        self.validate_head(&head.headers)?;
-        self.send_head(
-            head.status,
-            head.reason.as_deref(),
-            &head.headers,
-            framing,
-            head_length,
-        )
-        .await?;
+        self.send_origin_head(&head, framing, head_length).await?;
         let Some((buffered, left)) = body.take_for_splice() else {
             return Err(ProxyError::Internal {
                 message: "origin body lost its length before the splice".to_owned(),
@@ -690,8 +682,22 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         B: Body<Data = Bytes> + Unpin,
         B::Error: Into<BoxError>,
     {
-        self.validate_head(&head.headers)?;
         let framing = headers::framing(head.status, self.spec.client, body_length);
+        self.send_origin_head(&head, framing, head_length).await?;
+        if framing != Framing::None {
+            self.copy_body(body, true).await?;
+        }
+        self.finish().await
+    }
+
+    /// Checks the (possibly changed) origin head and sends it.
+    async fn send_origin_head(
+        &mut self,
+        head: &ResponseHead,
+        framing: Framing,
+        head_length: Option<u64>,
+    ) -> Result<(), ProxyError> {
+        self.validate_head(&head.headers)?;
         self.send_head(
             head.status,
             head.reason.as_deref(),
@@ -699,11 +705,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
             framing,
             head_length,
         )
-        .await?;
-        if framing != Framing::None {
-            self.copy_body(body, true).await?;
-        }
-        self.finish().await
+        .await
     }
 
     async fn send_head(

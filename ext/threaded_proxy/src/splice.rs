@@ -72,9 +72,10 @@ impl Splicer {
         })
     }
 
-    /// Moves exactly `length` bytes from `origin` to the client, each wait
-    /// bounded by `idle`; `moved` hears of every piece that reached the
-    /// client.
+    /// Moves exactly `length` bytes from `origin` to the client; `moved`
+    /// hears of every piece that reached the client. Reading the origin and
+    /// writing the client overlap (the pipe is the buffer between them); the
+    /// exchange fails when neither moves for `idle`.
     pub async fn copy(
         &self,
         origin: &TcpStream,
@@ -83,27 +84,39 @@ impl Splicer {
         moved: &mut (dyn FnMut(u64) + Send),
     ) -> Result<(), SpliceEnd> {
         let mut to_read = length;
-        while to_read > 0 {
-            let want = to_read.min(self.capacity as u64) as usize;
-            let mut in_pipe = match tokio::time::timeout(idle, self.fill(origin, want)).await {
-                Err(_) => return Err(SpliceEnd::OriginIdle),
-                Ok(Ok(0)) => return Err(SpliceEnd::OriginClosed(to_read)),
-                Ok(Ok(n)) => n,
-                Ok(Err(e)) => return Err(SpliceEnd::OriginFailed(e)),
+        let mut in_pipe = 0usize;
+        // Set when the origin ended early: what is in the pipe still goes
+        // out before the exchange fails.
+        let mut origin_end = None;
+        while (to_read > 0 && origin_end.is_none()) || in_pipe > 0 {
+            let want = match origin_end {
+                None => to_read.min((self.capacity - in_pipe) as u64) as usize,
+                Some(_) => 0,
             };
-            to_read -= in_pipe as u64;
-            while in_pipe > 0 {
-                match tokio::time::timeout(idle, self.drain(in_pipe)).await {
-                    Err(_) => return Err(SpliceEnd::ClientIdle),
-                    Ok(Ok(n)) => {
+            tokio::select! {
+                biased;
+                drained = self.drain(in_pipe), if in_pipe > 0 => match drained {
+                    Ok(n) => {
                         in_pipe -= n;
                         moved(n as u64);
                     }
-                    Ok(Err(e)) => return Err(SpliceEnd::ClientFailed(e)),
+                    Err(e) => return Err(SpliceEnd::ClientFailed(e)),
+                },
+                filled = self.fill(origin, want), if want > 0 => match filled {
+                    Ok(0) => origin_end = Some(SpliceEnd::OriginClosed(to_read)),
+                    Ok(n) => {
+                        in_pipe += n;
+                        to_read -= n as u64;
+                    }
+                    Err(e) => origin_end = Some(SpliceEnd::OriginFailed(e)),
+                },
+                _ = tokio::time::sleep(idle) => {
+                    // A full pipe waits on the client; an empty one on the origin.
+                    return Err(if in_pipe > 0 { SpliceEnd::ClientIdle } else { SpliceEnd::OriginIdle });
                 }
             }
         }
-        Ok(())
+        origin_end.map_or(Ok(()), Err)
     }
 
     /// Origin socket → pipe, once the socket has data: 0 at EOF.

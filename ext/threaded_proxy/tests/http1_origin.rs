@@ -214,3 +214,40 @@ fn a_spliced_body_cut_by_the_origin_is_an_upstream_failure_not_a_short_success()
         "the cut body was not counted as an upstream failure"
     );
 }
+
+#[test]
+fn a_client_that_stops_reading_mid_splice_ends_the_exchange_and_its_origin_connection() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (origin_gone_tx, origin_gone) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        let mut reader = BufReader::new(conn.try_clone().unwrap());
+        let mut line = String::new();
+        while reader.read_line(&mut line).unwrap_or(0) > 2 {
+            line.clear();
+        }
+        let mut conn = conn;
+        let piece = vec![7u8; 1 << 20];
+        let mut result =
+            conn.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", 256 << 20).as_bytes());
+        for _ in 0..256 {
+            result = result.and_then(|()| conn.write_all(&piece));
+        }
+        // Fails once the proxy has dropped the connection.
+        let _ = origin_gone_tx.send(result.is_err());
+    });
+    let (client, theirs) = UnixStream::pair().unwrap();
+    let mut spec = common::get(900_001, &url);
+    spec.timeouts.idle = Duration::from_millis(300);
+    exchange::start(runtime::current().unwrap(), spec, OwnedFd::from(theirs));
+    // The client reads nothing: the pipe and both socket buffers fill up.
+    let failed = origin_gone
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the origin was still sending 10 s after the client stopped reading");
+    assert!(
+        failed,
+        "the origin could send the whole body to a client that reads nothing"
+    );
+    drop(client);
+}
