@@ -219,18 +219,27 @@ module Bench
 
   # nginx as a plain reverse proxy in front of the origin: proxy_pass with
   # `proxy_buffering off` and a keep-alive upstream pool, two workers (one per
-  # core) that raise their own fd limit, no access log.
+  # core) that raise their own fd limit, no access log. `large_downloads:`
+  # adds the buffer settings users give a location that serves large files
+  # (DOWNLOAD_TUNING), for the 1 GiB scenario.
   class Nginx
     attr_reader :port
+
+    # One 1 MiB buffer between origin and client instead of one page:
+    # far fewer reads and writes per GiB (measured the faster of this and
+    # `proxy_buffering on` with `proxy_buffers 16 1m`, see bench/RESULTS.md).
+    # BENCH_NGINX_DOWNLOAD_TUNING replaces it, to compare settings.
+    DOWNLOAD_TUNING = "proxy_buffering off; proxy_buffer_size 1m; proxy_buffers 4 1m; proxy_busy_buffers_size 2m;"
 
     def self.binary
       ENV.fetch("PATH", "").split(":").map { |dir| File.join(dir, "nginx") }
          .push("/usr/sbin/nginx").find { |path| File.executable?(path) }
     end
 
-    def initialize(origin_port, workers: 2)
+    def initialize(origin_port, workers: 2, large_downloads: false)
       @origin_port = origin_port
       @workers = workers
+      @large_downloads = large_downloads
       @prefix = File.join(RUN_DIR, "nginx")
     end
 
@@ -300,7 +309,7 @@ module Bench
               proxy_pass http://origin;
               proxy_http_version 1.1;
               proxy_set_header Connection "";
-              proxy_buffering off;
+              #{@large_downloads ? ENV.fetch("BENCH_NGINX_DOWNLOAD_TUNING", DOWNLOAD_TUNING) : "proxy_buffering off;"}
               proxy_read_timeout 120s;
             }
           }

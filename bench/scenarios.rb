@@ -30,7 +30,7 @@ module Bench
     # proxy process spent on it. The paths take turns, run by run, so a
     # burst of outside load hits all of them alike rather than one.
     def download
-      with_stack do |stack|
+      with_stack(nginx_large_downloads: true) do |stack|
         list = paths(stack, "/bytes?n=#{GIB}", proxy: "/bench/proxy/bytes?n=#{GIB}")
         origin_pid = stack[:origin].pid
         list.each_value { |url, _| download_once(url.sub("n=#{GIB}", "n=#{64 << 20}"), [], origin_pid, size: 64 << 20) } # warm-up
@@ -195,10 +195,10 @@ module Bench
 
     # Starts origin, nginx and Puma (and the plain-Rack Puma with
     # `rack: true`); always stops them.
-    def with_stack(puma_env: {}, rack: false)
+    def with_stack(puma_env: {}, rack: false, nginx_large_downloads: false)
       stack = {}
       stack[:origin] = Origin.new.start
-      stack[:nginx] = Nginx.new(stack[:origin].port).start if @with_nginx
+      stack[:nginx] = Nginx.new(stack[:origin].port, large_downloads: nginx_large_downloads).start if @with_nginx
       stack[:puma] = Puma.new(stack[:origin].url, env: puma_env).start
       if rack
         stack[:rack] = Puma.new(stack[:origin].url, env: puma_env, name: "puma-rack",
