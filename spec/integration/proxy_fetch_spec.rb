@@ -23,14 +23,24 @@ RSpec.describe "proxy_fetch under real Puma" do
     RawHTTP.request("#{puma.url}#{path}", **options)
   end
 
-  it "streams a 100 MiB body byte-identical, with its Content-Length", timeout: 120 do
+  it "streams a 100 MiB body byte-identical, with its Content-Length, socket to socket with splice(2)", timeout: 120 do
     size = 100 * 1024 * 1024
+    spliced_before = StatsClient.fetch(puma)["bytes_spliced"]
     response = get("/proxy/bytes?n=#{size}", keep_body: false)
     expect(response.status).to eq(200)
     expect(response["content-length"]).to eq(size.to_s)
     expect(response.complete).to be(true)
     expect(response.body_bytes).to eq(size)
     expect(response.sha256).to eq(OriginServer.expected_sha256(size))
+    # All but what arrived with the origin's head went through the pipe.
+    expect(StatsClient.fetch(puma)["bytes_spliced"] - spliced_before).to be >= size - (256 * 1024)
+  end
+
+  it "keeps its origin connection for the next request (keep-alive pool)" do
+    expect(get("/proxy/bytes?n=100").status).to eq(200)
+    accepted = origin.connections_accepted
+    3.times { expect(get("/proxy/bytes?n=100").body_bytes).to eq(100) }
+    expect(origin.connections_accepted).to eq(accepted)
   end
 
   it "re-frames a chunked origin body and delivers it whole" do
