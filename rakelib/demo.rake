@@ -13,7 +13,10 @@ task :demo, [:mode] do |_t, args|
     show = lambda do |path|
       url = "#{puma.url}#{path}"
       puts "$ curl -si '#{url}'"
-      puts IO.popen(["curl", "-si", "--max-time", "10", url], &:read).byteslice(0, 600).scrub, ""
+      output = IO.popen(["curl", "-si", "--max-time", "10", url], &:read)
+      puts output.byteslice(0, 600).scrub, ""
+      # bin/test runs `demo[--once]` too: an answer that is not HTTP fails it.
+      raise "demo: no HTTP answer from #{url}" unless output.start_with?("HTTP/1.1 ")
     end
     show.call("/headers_proxy/headers?h=Set-Cookie:a=1&h=Set-Cookie:b=2&h=X-Remove-Me:gone")
     show.call("/proxy/echo?hello=world")

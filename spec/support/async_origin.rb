@@ -1,5 +1,6 @@
 # frozen_string_literal: true
 
+require_relative "free_port"
 require_relative "origin_server"
 
 # An OriginServer for the proxy_async specs that can listen on a port chosen

@@ -4,6 +4,7 @@ require "etc"
 require "fileutils"
 require "open3"
 require "socket"
+require_relative "free_port"
 require "tmpdir"
 
 # A throw-away PostgreSQL server for the specs: its own data directory,

@@ -2,6 +2,7 @@
 
 require "fileutils"
 require "socket"
+require_relative "free_port"
 
 # Boots rails_test_app under a real Puma child process for integration specs.
 #
