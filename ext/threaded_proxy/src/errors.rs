@@ -145,6 +145,13 @@ impl ProxyError {
             message: err.to_string(),
         }
     }
+
+    /// A client that took no bytes for the whole idle timeout.
+    pub fn client_idle(idle: std::time::Duration) -> Self {
+        ProxyError::Client {
+            message: format!("client read nothing for {idle:?}"),
+        }
+    }
 }
 
 /// Plain data describing an error, handed to Ruby (no Ruby objects here).

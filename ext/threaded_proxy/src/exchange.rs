@@ -26,7 +26,7 @@ use crate::headers::{self, ClientRequest, Framing, HeaderList};
 use crate::http1_origin::{self, PlainBody};
 use crate::relay::{self, ClientWriter};
 use crate::runtime::Proxy;
-use crate::splice::{self, SpliceEnd};
+use crate::splice;
 use crate::tunnel::{self, TunnelCounts, TunnelEnd};
 use crate::upstream::{self, BodySource, BoxError, OriginBody, TlsSettings};
 
@@ -436,10 +436,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         };
         if !buffered.is_empty() {
             self.count_from_origin(buffered.len() as u64);
-            let before = self.writer.bytes_written;
-            let sent = self.writer.send_body(buffered).await;
-            self.count_to_client(before);
-            sent?;
+            self.send_body(buffered).await?;
         }
         let Some(origin) = body.stream() else {
             return Err(ProxyError::Internal {
@@ -460,36 +457,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         self.bytes_from_origin += spliced;
         self.writer.add_body_written(spliced);
         drop(splicer);
-        let url = || self.spec.url.clone();
-        match copied {
-            Ok(()) => body.spliced_to_end(),
-            Err(SpliceEnd::OriginClosed(left)) => {
-                return Err(ProxyError::Upstream {
-                    url: url(),
-                    message: format!("origin closed the connection with {left} body bytes still to come"),
-                    errno: None,
-                })
-            }
-            Err(SpliceEnd::OriginIdle) => {
-                return Err(ProxyError::Timeout {
-                    url: url(),
-                    phase: "waiting for the response body",
-                })
-            }
-            Err(SpliceEnd::OriginFailed(e)) => {
-                return Err(ProxyError::Upstream {
-                    url: url(),
-                    message: format!("reading the response body: {e}"),
-                    errno: e.raw_os_error(),
-                })
-            }
-            Err(SpliceEnd::ClientIdle) => {
-                return Err(ProxyError::Client {
-                    message: format!("client read nothing for {:?}", self.spec.timeouts.idle),
-                })
-            }
-            Err(SpliceEnd::ClientFailed(e)) => return Err(ProxyError::client(&e)),
-        }
+        copied.map_err(|end| end.into_error(&self.spec.url, self.spec.timeouts.idle))?;
+        body.spliced_to_end();
         self.finish().await
     }
 
@@ -633,15 +602,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         let mut builder = Request::builder()
             .method(self.spec.method.clone())
             .uri(&self.spec.url);
-        for (name, value) in &self.spec.headers {
-            headers::validate(name, value).map_err(|message| ProxyError::InvalidHeader {
+        let to_origin =
+            headers::to_origin(&self.spec.headers).map_err(|message| ProxyError::InvalidHeader {
                 url: self.spec.url.clone(),
                 message,
             })?;
-            // The body decides the framing; connection headers are ours.
-            if headers::is_hop_by_hop(name) || name.eq_ignore_ascii_case("content-length") {
-                continue;
-            }
+        for (name, value) in to_origin {
             builder = builder.header(name.as_str(), value.as_ref());
         }
         if let Some(protocol) = &self.spec.upgrade {
@@ -661,13 +627,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
     }
 
     fn validate_head(&self, headers: &HeaderList) -> Result<(), ProxyError> {
-        for (name, value) in headers {
-            headers::validate(name, value).map_err(|message| ProxyError::InvalidHeader {
-                url: self.spec.url.clone(),
-                message,
-            })?;
-        }
-        Ok(())
+        headers::validate_all(headers).map_err(|message| ProxyError::InvalidHeader {
+            url: self.spec.url.clone(),
+            message,
+        })
     }
 
     /// Writes the (possibly changed) head and streams the origin body.
@@ -760,12 +723,17 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         B::Error: Into<BoxError>,
     {
         while let Some(data) = self.next_data(&mut body, from_origin).await? {
-            let before = self.writer.bytes_written;
-            let sent = self.writer.send_body(data).await;
-            self.count_to_client(before);
-            sent?;
+            self.send_body(data).await?;
         }
         Ok(())
+    }
+
+    /// One piece of body to the client, counted in the stats.
+    async fn send_body(&mut self, data: Bytes) -> Result<(), ProxyError> {
+        let before = self.writer.bytes_written;
+        let sent = self.writer.send_body(data).await;
+        self.count_to_client(before);
+        sent
     }
 
     /// Reads a whole body into memory, refusing more than `max_buffered_body`.

@@ -82,6 +82,19 @@ pub fn validate(name: &str, value: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks every header of a list; the error names the first bad one.
+pub fn validate_all(list: &HeaderList) -> Result<(), String> {
+    list.iter().try_for_each(|(name, value)| validate(name, value))
+}
+
+/// The caller's request headers that go to the origin, once all are
+/// checked: framing and hop-by-hop ones are left out (the body decides the
+/// framing; connection headers are the proxy's).
+pub fn to_origin(list: &HeaderList) -> Result<impl Iterator<Item = &(String, Bytes)>, String> {
+    validate_all(list)?;
+    Ok(list.iter().filter(|(name, _)| !is_framing_header(name)))
+}
+
 fn is_token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }

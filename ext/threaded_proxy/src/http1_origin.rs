@@ -141,13 +141,15 @@ impl Http1Pool {
     }
 
     /// Idle connections held right now (all origins).
-    pub fn idle_count(&self) -> usize {
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
         self.shared.lock().by_origin.values().map(Vec::len).sum()
     }
 
-    /// Sends a bodiless request and reads the response head. A pooled
-    /// connection the origin closed before answering is replaced by a fresh
-    /// one once (the request is idempotent, see `serves`).
+    /// Sends a bodiless request and reads the response head. When a pooled
+    /// connection turns out closed before answering, the request goes again
+    /// on the next pooled one, at last on a fresh connection (it is
+    /// idempotent, see `serves`).
     pub async fn send(
         &self,
         url: &str,
@@ -309,14 +311,11 @@ fn request_head(
     out.extend_from_slice(target.path_and_query.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut has_host = false;
-    for (name, value) in request_headers {
-        headers::validate(name, value).map_err(|message| ProxyError::InvalidHeader {
-            url: url.to_owned(),
-            message,
-        })?;
-        if headers::is_hop_by_hop(name) || name.eq_ignore_ascii_case("content-length") {
-            continue;
-        }
+    let to_origin = headers::to_origin(request_headers).map_err(|message| ProxyError::InvalidHeader {
+        url: url.to_owned(),
+        message,
+    })?;
+    for (name, value) in to_origin {
         has_host |= name.eq_ignore_ascii_case("host");
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");

@@ -43,9 +43,7 @@ impl<W: AsyncWrite + Unpin> ClientWriter<W> {
                 Ok(())
             }
             Ok(Err(e)) => Err(ProxyError::client(&e)),
-            Err(_) => Err(ProxyError::Client {
-                message: format!("client read nothing for {:?}", self.idle),
-            }),
+            Err(_) => Err(ProxyError::client_idle(self.idle)),
         }
     }
 

@@ -11,6 +11,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use crate::errors::ProxyError;
 use crate::handoff;
 
 /// Bodies below this size are copied: a pipe and a second registration of
@@ -28,6 +29,31 @@ pub enum SpliceEnd {
     OriginFailed(io::Error),
     ClientIdle,
     ClientFailed(io::Error),
+}
+
+impl SpliceEnd {
+    /// The exchange's error for this end (the same as for a copied body).
+    pub fn into_error(self, url: &str, idle: Duration) -> ProxyError {
+        let url = url.to_owned();
+        match self {
+            SpliceEnd::OriginClosed(left) => ProxyError::Upstream {
+                url,
+                message: format!("origin closed the connection with {left} body bytes still to come"),
+                errno: None,
+            },
+            SpliceEnd::OriginIdle => ProxyError::Timeout {
+                url,
+                phase: "waiting for the response body",
+            },
+            SpliceEnd::OriginFailed(e) => ProxyError::Upstream {
+                url,
+                message: format!("reading the response body: {e}"),
+                errno: e.raw_os_error(),
+            },
+            SpliceEnd::ClientIdle => ProxyError::client_idle(idle),
+            SpliceEnd::ClientFailed(e) => ProxyError::client(&e),
+        }
+    }
 }
 
 /// A pipe and a writable-readiness registration of the client socket, for
