@@ -59,10 +59,10 @@ module Bench
     # while they run. Diagnostic row: the same through a plain Rack app.
     def threads
       with_stack(rack: true) do |stack|
-        list = paths(stack, "/delay?ms=1000&n=1024", proxy: "/bench/proxy/delay?ms=1000&n=1024", rack: true)
+        list = paths(stack, "/delay?ms=1000&n=1024", proxy: "/bench/proxy/delay?ms=1000&n=1024", edge: true, rack: true)
         list.to_h do |name, (url, pids)|
           say "threads: #{name}"
-          puma = { "proxy_fetch" => stack[:puma], "rack_proxy_fetch" => stack[:rack] }[name]
+          puma = { "proxy_fetch" => stack[:puma], "proxy_fetch_edge" => stack[:puma], "rack_proxy_fetch" => stack[:rack] }[name]
           inline = puma && "#{puma.url}/bench/inline_1k"
           # Warm-up: boot-time laziness (pools, Rails caches) out of the way.
           Loadgen.run("burst", url: url.sub("ms=1000", "ms=1"), requests: 50, timeout: 30)
@@ -88,7 +88,7 @@ module Bench
               "THREADED_PROXY_MAX_CONNECTIONS_PER_ORIGIN" => limit.to_s }
       with_stack(puma_env: env) do |stack|
         origin = stack[:origin]
-        list = paths(stack, "/sse?interval_ms=5000", proxy: "/bench/proxy/sse?interval_ms=5000")
+        list = paths(stack, "/sse?interval_ms=5000", proxy: "/bench/proxy/sse?interval_ms=5000", edge: true)
         list["proxy_fetch_again"] = list["proxy_fetch"] if SSE_AGAIN
         list.to_h do |name, (url, pids)|
           say "sse: #{name}, #{SSE_STREAMS} streams"
@@ -110,7 +110,7 @@ module Bench
     def small
       with_stack(rack: true) do |stack|
         inline = { "inline" => ["#{stack[:puma].url}/bench/inline_1k", -> { [stack[:puma].pid] }] }
-        list = paths(stack, "/bytes?n=1024", proxy: "/bench/proxy/bytes?n=1024", extra: inline, rack: true)
+        list = paths(stack, "/bytes?n=1024", proxy: "/bench/proxy/bytes?n=1024", extra: inline, edge: true, rack: true)
         rounds = Hash.new { |hash, key| hash[key] = [] }
         SMALL_ROUNDS.times do |round|
           list.each do |name, (url, pids)|
@@ -180,12 +180,18 @@ module Bench
     end
 
     # name => [url, -> { pids whose CPU/RSS is the proxy's }] for each path;
-    # `rack: true` adds the plain-Rack diagnostic rows.
-    def paths(stack, origin_path, proxy:, extra: {}, rack: false)
+    # `edge: true` adds the Rails app's middleware route, `rack: true` the
+    # plain-Rack diagnostic rows.
+    def paths(stack, origin_path, proxy:, extra: {}, edge: false, rack: false)
       list = { "direct" => ["#{stack[:origin].url}#{origin_path}", -> { [] }] }
       list["nginx"] = ["#{stack[:nginx].url}#{origin_path}", -> { stack[:nginx].worker_pids }] if stack[:nginx]
       list.merge!(extra)
       list["proxy_fetch"] = ["#{stack[:puma].url}#{proxy}", -> { [stack[:puma].pid] }] if proxy
+      # The same Rails app, the request answered by ThreadedProxy::Middleware
+      # at the head of its stack (rails_test_app/lib/edge_routes.rb).
+      if proxy && edge
+        list["proxy_fetch_edge"] = ["#{stack[:puma].url}#{proxy.sub("/bench/proxy/", "/bench/edge/")}", -> { [stack[:puma].pid] }]
+      end
       if rack && stack[:rack]
         list["rack_inline"] = ["#{stack[:rack].url}/bench/inline_1k", -> { [stack[:rack].pid] }] if extra.key?("inline")
         list["rack_proxy_fetch"] = ["#{stack[:rack].url}#{proxy}", -> { [stack[:rack].pid] }] if proxy

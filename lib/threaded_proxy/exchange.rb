@@ -153,6 +153,8 @@ module ThreadedProxy
         headers << ["Content-Type", @env["CONTENT_TYPE"]]
       end
       own = @options.headers
+      return headers if own.empty?
+
       names = own.map { |name, _| name.downcase }
       headers.reject { |name, _| names.include?(name.downcase) } + own
     end
@@ -161,22 +163,38 @@ module ThreadedProxy
       wanted = @options.forward_headers
       return upgrade_headers unless wanted
 
+      connection_named = @env["HTTP_CONNECTION"]&.split(",")&.map { |t| t.strip.downcase }
       pairs = []
       @env.each do |key, value|
         next unless key.start_with?("HTTP_") && value.is_a?(String)
-
-        name = key.delete_prefix("HTTP_").split("_").map(&:capitalize).join("-")
-        lower = name.downcase
-        next if NOT_FORWARDED.include?(lower) || Options::HOP_BY_HOP.include?(lower)
+        next unless (name, lower = Exchange.forwardable_name(key))
         next if wanted.is_a?(Array) && !wanted.include?(lower)
-        next if Options::FORBIDDEN_BYTES.match?(value)
+        next if connection_named&.include?(lower) || Options::FORBIDDEN_BYTES.match?(value)
 
         pairs << [name, value]
       end
-      connection_named = @env["HTTP_CONNECTION"].to_s.split(",").map { |t| t.strip.downcase }
-      pairs = pairs.reject { |name, _| connection_named.include?(name.downcase) }
+      upgrade = upgrade_headers
+      return pairs if upgrade.empty?
+
       names = pairs.map { |name, _| name.downcase }
-      pairs + upgrade_headers.reject { |name, _| names.include?(name.downcase) }
+      pairs + upgrade.reject { |name, _| names.include?(name.downcase) }
+    end
+
+    # Rack env key => [header name, its lower case] ("HTTP_X_REQUEST_ID" =>
+    # ["X-Request-Id", "x-request-id"]), or nil for a header never forwarded.
+    # Learnt once per key, since clients send the same few, so forwarding
+    # allocates no strings per header; bounded, since clients pick the names.
+    FORWARDABLE_NAMES = {} # rubocop:disable Style/MutableConstant
+    FORWARDABLE_NAMES_MAX = 512
+
+    def self.forwardable_name(key)
+      FORWARDABLE_NAMES.fetch(key) do
+        name = key.delete_prefix("HTTP_").split("_").map(&:capitalize).join("-").freeze
+        lower = name.downcase.freeze
+        pair = [name, lower].freeze unless NOT_FORWARDED.include?(lower) || Options::HOP_BY_HOP.include?(lower)
+        FORWARDABLE_NAMES[key] = pair if FORWARDABLE_NAMES.size < FORWARDABLE_NAMES_MAX
+        pair
+      end
     end
 
     def upgrade_headers

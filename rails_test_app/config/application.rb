@@ -7,6 +7,7 @@ require "active_support/railtie"
 require "action_controller/railtie"
 
 require "threaded_proxy"
+require_relative "../lib/edge_routes"
 
 module RailsTestApp
   # A minimal Rails app (no database, no views) served by Puma: used by the
@@ -17,6 +18,10 @@ module RailsTestApp
     config.eager_load = false
     config.secret_key_base = "threaded-proxy-rails-test-app-secret-key-base-not-secret"
     config.hosts.clear
+
+    # Hot proxy routes ahead of the whole stack (lib/edge_routes.rb).
+    config.middleware.insert_before 0, ThreadedProxy::Middleware,
+                                    &EdgeRoutes.new(ENV.fetch("ORIGIN_URL", "http://127.0.0.1:9292")).method(:call)
 
     config.logger = ActiveSupport::TaggedLogging.new(ActiveSupport::Logger.new($stdout))
     config.log_level = ENV.fetch("RAILS_LOG_LEVEL", "info").to_sym

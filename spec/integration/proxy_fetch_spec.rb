@@ -83,6 +83,26 @@ RSpec.describe "proxy_fetch under real Puma" do
     expect(get("/inline").body).to eq("inline ok")
   end
 
+  # rails_test_app/lib/edge_routes.rb: ThreadedProxy::Middleware at the head
+  # of the Rails stack, for hot routes, still behind the app's own sign-in.
+  it "proxies hot routes ahead of Rails' middleware, signed in by the app's signed cookie" do
+    before = origin.request_count
+    expect([get("/edge/echo").status, get("/edge/echo").body]).to eq([401, "sign in first"])
+    expect(get("/edge/echo", headers: { "Cookie" => "user=alice" }).status).to eq(401) # not signed
+    expect(origin.request_count).to eq(before)
+
+    login = get("/edge_login?user=alice")
+    expect(login.status).to eq(204)
+    cookie = login.get_all("set-cookie").find { |c| c.start_with?("user=") }.split(";").first
+    echo = JSON.parse(get("/edge/echo?x=1", headers: { "Cookie" => cookie }).body)
+    expect(echo["path"]).to eq("/echo?x=1")
+    expect(echo["headers"]["x-user"]).to eq(["alice"])
+    expect(echo["headers"]["x-forwarded-for"]).to eq(["127.0.0.1"])
+
+    bench = get("/bench/edge/echo?y=2")
+    expect([bench.status, JSON.parse(bench.body)["path"]]).to eq([200, "/echo?y=2"])
+  end
+
   it "frees the only Puma thread: an inline action answers while 10 slow proxied requests are in flight", timeout: 60 do
     before = origin.request_count
     finished = Queue.new
