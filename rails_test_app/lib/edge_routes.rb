@@ -2,8 +2,9 @@
 
 # The router of the ThreadedProxy::Middleware that sits at the head of this
 # app's middleware stack (config/application.rb): hot proxy routes answered
-# before Rails' 20-odd middlewares, the router and a controller run, which
-# cost a Puma thread about 1 ms per request here (bench/RESULTS.md).
+# before Rails' 23 default middlewares, the router and a controller run,
+# which cost a Puma thread 0.55 ms per request in process and 1.5–2 ms under
+# a burst here (bench/RESULTS.md).
 #
 #   /bench/edge/*path  the benchmark's lean path (`rake bench`): ORIGIN_URL/path,
 #                      no authentication, like BenchController#proxy
@@ -16,7 +17,9 @@
 class EdgeRoutes
   BENCH_PREFIX = "/bench/edge/"
   USER_PREFIX = "/edge/"
-  UNAUTHORIZED = [401, { "content-type" => "text/plain", "content-length" => "13" }, ["sign in first"]].freeze
+  UNAUTHORIZED_BODY = "sign in first"
+  UNAUTHORIZED = [401, { "content-type" => "text/plain", "content-length" => UNAUTHORIZED_BODY.bytesize.to_s },
+                  [UNAUTHORIZED_BODY]].freeze
 
   def initialize(origin)
     @origin = origin.chomp("/")
