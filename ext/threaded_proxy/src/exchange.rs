@@ -5,8 +5,10 @@
 //! its side and against shutdown: whichever ends first drops the others, so a
 //! client that leaves cancels its origin request at once.
 
+use std::future::Future;
 use std::os::fd::{OwnedFd, RawFd};
 use std::sync::atomic::Ordering::Relaxed;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -646,7 +648,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         B::Error: Into<BoxError>,
     {
         let framing = headers::framing(head.status, self.spec.client, body_length);
-        self.send_origin_head(&head, framing, head_length).await?;
+        self.validate_head(&head.headers)?;
+        // Held: a small answer leaves in one writev with its first body bytes.
+        let buf = self.head_bytes(
+            head.status,
+            head.reason.as_deref(),
+            &head.headers,
+            framing,
+            head_length,
+        );
+        self.writer.hold_head(buf, framing);
         if framing != Framing::None {
             self.copy_body(body, true).await?;
         }
@@ -679,6 +690,22 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         framing: Framing,
         head_length: Option<u64>,
     ) -> Result<(), ProxyError> {
+        let buf = self.head_bytes(status, reason, headers, framing, head_length);
+        let before = self.writer.bytes_written;
+        let sent = self.writer.send_head(buf, framing).await;
+        self.count_to_client(before);
+        sent
+    }
+
+    /// The head's bytes, recorded as the one the client gets.
+    fn head_bytes(
+        &mut self,
+        status: u16,
+        reason: Option<&str>,
+        headers: &HeaderList,
+        framing: Framing,
+        head_length: Option<u64>,
+    ) -> BytesMut {
         let mut buf = BytesMut::new();
         headers::write_head(&mut buf, status, reason, headers, framing, head_length);
         self.status = Some(status);
@@ -689,10 +716,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
                 headers: headers.clone(),
             });
         }
-        let before = self.writer.bytes_written;
-        let sent = self.writer.send_head(buf, framing).await;
-        self.count_to_client(before);
-        sent
+        buf
     }
 
     fn count_from_origin(&mut self, n: u64) {
@@ -717,15 +741,41 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
     }
 
     /// Copies a body frame by frame, each frame bounded by the idle timeout.
+    /// A held head goes out with the first frame if that frame is already
+    /// here, else alone before waiting: an event stream's head must not
+    /// wait for its first event.
     async fn copy_body<B>(&mut self, mut body: B, from_origin: bool) -> Result<(), ProxyError>
     where
         B: Body<Data = Bytes> + Unpin,
         B::Error: Into<BoxError>,
     {
+        if self.writer.head_held() {
+            let ready = {
+                let mut next = std::pin::pin!(self.next_data(&mut body, from_origin));
+                std::future::poll_fn(|cx| Poll::Ready(next.as_mut().poll(cx))).await
+            };
+            match ready {
+                Poll::Ready(Ok(Some(data))) => self.send_body(data).await?,
+                // finish() sends the head (with the last chunk, if chunked).
+                Poll::Ready(Ok(None)) => return Ok(()),
+                Poll::Ready(Err(e)) => {
+                    self.flush_head().await?;
+                    return Err(e);
+                }
+                Poll::Pending => self.flush_head().await?,
+            }
+        }
         while let Some(data) = self.next_data(&mut body, from_origin).await? {
             self.send_body(data).await?;
         }
         Ok(())
+    }
+
+    async fn flush_head(&mut self) -> Result<(), ProxyError> {
+        let before = self.writer.bytes_written;
+        let flushed = self.writer.flush_head().await;
+        self.count_to_client(before);
+        flushed
     }
 
     /// One piece of body to the client, counted in the stats.

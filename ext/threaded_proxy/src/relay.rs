@@ -21,6 +21,10 @@ pub struct ClientWriter<W> {
     /// Once true, an error must abort the connection: a clean close could
     /// make a cut-off body look complete.
     pub head_sent: bool,
+    /// A head given to `hold_head`, not written yet: it goes out in the same
+    /// writev as the next bytes (one segment, one syscall for a small
+    /// answer), or alone from `flush_head` before anything waits.
+    held_head: Option<Bytes>,
 }
 
 impl<W: AsyncWrite + Unpin> ClientWriter<W> {
@@ -32,10 +36,13 @@ impl<W: AsyncWrite + Unpin> ClientWriter<W> {
             bytes_written: 0,
             body_written: 0,
             head_sent: false,
+            held_head: None,
         }
     }
 
-    async fn write_buf<B: Buf>(&mut self, mut buf: B) -> Result<(), ProxyError> {
+    /// Writes `buf`, after the held head if there is one.
+    async fn write_buf<B: Buf>(&mut self, buf: B) -> Result<(), ProxyError> {
+        let mut buf = Buf::chain(self.held_head.take().unwrap_or_default(), buf);
         let len = buf.remaining() as u64;
         match tokio::time::timeout(self.idle, self.io.write_all_buf(&mut buf)).await {
             Ok(Ok(())) => {
@@ -52,6 +59,27 @@ impl<W: AsyncWrite + Unpin> ClientWriter<W> {
         self.framing = framing;
         self.head_sent = true;
         self.write_buf(head.freeze()).await
+    }
+
+    /// Like `send_head`, but the head waits for the first body bytes (or
+    /// `flush_head`, or `finish`) to go out with them. The caller must flush
+    /// it before waiting for anything.
+    pub fn hold_head(&mut self, head: BytesMut, framing: Framing) {
+        self.framing = framing;
+        self.head_sent = true;
+        self.held_head = Some(head.freeze());
+    }
+
+    pub fn head_held(&self) -> bool {
+        self.held_head.is_some()
+    }
+
+    /// Writes a held head now.
+    pub async fn flush_head(&mut self) -> Result<(), ProxyError> {
+        match self.held_head {
+            Some(_) => self.write_buf(Bytes::new()).await,
+            None => Ok(()),
+        }
     }
 
     /// The raw client writer, for tunnels (after the head went out).
@@ -102,6 +130,10 @@ impl<W: AsyncWrite + Unpin> ClientWriter<W> {
     /// Ends the body (last chunk), flushes and half-closes. An error if a
     /// Content-Length promise was not kept.
     pub async fn finish(&mut self) -> Result<(), ProxyError> {
+        if self.framing != Framing::Chunked {
+            // (The last chunk carries it otherwise.)
+            self.flush_head().await?;
+        }
         match self.framing {
             Framing::Chunked => self.write_buf(&b"0\r\n\r\n"[..]).await?,
             Framing::Length(total) if self.body_written != total => {
@@ -206,6 +238,95 @@ mod tests {
         let (out, result) = written(Framing::None, &[b"ignored"]).await;
         result.unwrap();
         assert_eq!(out, b"HEAD\r\n\r\n");
+    }
+
+    /// Keeps every write call's bytes apart, to see what went out together.
+    #[derive(Default)]
+    struct WriteCalls(Vec<Vec<u8>>);
+
+    impl AsyncWrite for WriteCalls {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.0.push(buf.to_vec());
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let call = bufs.iter().flat_map(|b| b.iter().copied()).collect::<Vec<u8>>();
+            let n = call.len();
+            self.0.push(call);
+            std::task::Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    fn held(framing: Framing) -> ClientWriter<WriteCalls> {
+        let mut writer = ClientWriter::new(WriteCalls::default(), Duration::from_secs(5));
+        writer.hold_head(BytesMut::from(&b"HEAD\r\n\r\n"[..]), framing);
+        writer
+    }
+
+    #[tokio::test]
+    async fn a_held_head_leaves_in_one_write_with_the_first_body_bytes() {
+        let mut writer = held(Framing::Length(7));
+        assert!(writer.head_held() && writer.head_sent);
+        writer.send_body(Bytes::from_static(b"hello")).await.unwrap();
+        writer.send_body(Bytes::from_static(b"!!")).await.unwrap();
+        writer.finish().await.unwrap();
+        assert_eq!(writer.io.0, [&b"HEAD\r\n\r\nhello"[..], b"!!"]);
+        assert_eq!(writer.bytes_written, 8 + 7);
+
+        let mut chunked = held(Framing::Chunked);
+        chunked.send_body(Bytes::from_static(b"abc")).await.unwrap();
+        chunked.finish().await.unwrap();
+        assert_eq!(chunked.io.0, [&b"HEAD\r\n\r\n3\r\nabc\r\n"[..], b"0\r\n\r\n"]);
+    }
+
+    #[tokio::test]
+    async fn a_held_head_goes_out_alone_when_flushed_or_at_the_end() {
+        let mut flushed = held(Framing::Close);
+        flushed.flush_head().await.unwrap();
+        assert!(!flushed.head_held());
+        flushed.flush_head().await.unwrap();
+        flushed.send_body(Bytes::from_static(b"data")).await.unwrap();
+        assert_eq!(flushed.io.0, [&b"HEAD\r\n\r\n"[..], b"data"]);
+
+        let mut bodiless = held(Framing::None);
+        bodiless.finish().await.unwrap();
+        assert_eq!(bodiless.io.0, [b"HEAD\r\n\r\n"]);
+
+        let mut empty_chunked = held(Framing::Chunked);
+        empty_chunked.finish().await.unwrap();
+        assert_eq!(empty_chunked.io.0, [b"HEAD\r\n\r\n0\r\n\r\n"]);
+
+        // A broken promise still sends the head first, as an unheld one would.
+        let mut short = held(Framing::Length(3));
+        assert!(short.finish().await.is_err());
+        assert_eq!(short.io.0, [b"HEAD\r\n\r\n"]);
     }
 
     #[tokio::test(start_paused = true)]

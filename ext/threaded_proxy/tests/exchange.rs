@@ -262,3 +262,46 @@ fn empty_summary() -> Summary {
         error: None,
     }
 }
+
+#[test]
+fn the_head_does_not_wait_for_a_slow_first_body_chunk() {
+    // The origin sends its head, and its body only once the client has
+    // seen that head: a proxy holding the head for the body never gets it.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (head_seen_tx, head_seen) = mpsc::channel::<()>();
+    thread::spawn(move || {
+        let Ok((mut conn, _)) = listener.accept() else {
+            return;
+        };
+        let mut reader = BufReader::new(conn.try_clone().unwrap());
+        let mut line = String::new();
+        while reader.read_line(&mut line).unwrap_or(0) > 2 {
+            line.clear();
+        }
+        let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+        if head_seen.recv_timeout(Duration::from_secs(10)).is_ok() {
+            let _ = conn.write_all(b"5\r\nhello\r\n0\r\n\r\n");
+        }
+    });
+    let mut client = start(spec(&url, CallbackSet::default(), Duration::from_secs(5)));
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match client.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            other => panic!(
+                "the head never came ({other:?}); got {:?}",
+                String::from_utf8_lossy(&head)
+            ),
+        }
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200 OK\r\n"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    head_seen_tx.send(()).unwrap();
+    let rest = read_all(client);
+    assert_eq!(rest, "5\r\nhello\r\n0\r\n\r\n");
+}
