@@ -190,14 +190,21 @@ module Bench
     end
   end
 
-  # bench-origin (bench/origin).
+  # bench-origin (bench/origin); with `relay_to:` (an origin's port) the
+  # same binary as a bare splice relay to it, the yardstick of one proxy hop.
   class Origin
     attr_reader :port
 
+    def initialize(relay_to: nil)
+      @relay_to = relay_to
+    end
+
     def start
-      @child = Child.new("origin", [ORIGIN_BIN, "--port", "0", "--threads", "2", "--lifetime-secs", "1800"]).start
-      @port = Bench.wait_for("the origin to listen", timeout: 10) do
-        raise Error, "origin exited: #{@child.log}" unless @child.alive?
+      name = @relay_to ? "relay" : "origin"
+      mode = @relay_to ? ["--relay-to", "127.0.0.1:#{@relay_to}"] : ["--threads", "2"]
+      @child = Child.new(name, [ORIGIN_BIN, "--port", "0", *mode, "--lifetime-secs", "1800"]).start
+      @port = Bench.wait_for("the #{name} to listen", timeout: 10) do
+        raise Error, "#{name} exited: #{@child.log}" unless @child.alive?
 
         @child.log[/LISTENING 127\.0\.0\.1:(\d+)/, 1]&.to_i
       end

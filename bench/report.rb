@@ -76,12 +76,22 @@ module Bench
       "proxy_fetch_edge" => "proxy_fetch from ThreadedProxy::Middleware at the head of the same Rails app",
       "proxy_fetch_again" => "diagnostic: proxy_fetch again, same Puma (heap already grown)",
       "rack_inline" => "diagnostic: plain Rack inline 1 KiB, same Puma settings",
-      "rack_proxy_fetch" => "diagnostic: ThreadedProxy.call in plain Rack, same Puma settings"
+      "rack_proxy_fetch" => "diagnostic: ThreadedProxy.call in plain Rack, same Puma settings",
+      "relay" => "diagnostic: bare splice relay (bench-origin --relay-to): one hop with no HTTP, no Ruby"
     }.freeze
+    # Scenario 2 sends the 1,000 themselves to the inline rows.
+    THREADS_LABELS = PATH_LABELS.merge(
+      "inline" => "no proxy: the 1,000 to the Rails app's inline 1 KiB action (same Puma)",
+      "rack_inline" => "no proxy: the 1,000 to plain Rack's inline 1 KiB (same Puma settings)"
+    ).freeze
 
     # The rows the targets are checked on: the controller action, and the
     # same Rails app's ThreadedProxy::Middleware route.
     ROUTES = { "proxy_fetch" => "", "proxy_fetch_edge" => " (middleware route)" }.freeze
+    # The no-proxy row under a route: the controller action is behind the
+    # whole Rails app; the middleware route is not, so its floor is plain
+    # Rack under the same Puma settings.
+    FLOOR_ROW = { "proxy_fetch" => ["inline", "the Rails app"], "proxy_fetch_edge" => ["rack_inline", "plain Rack"] }.freeze
     # "nginx opens 10,000 in ~5 s here" (issue 5).
     SSE_RAMP_SECS = 5
 
@@ -164,12 +174,14 @@ module Bench
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
       rows_for("threads").each do |key, r|
         probe = r["probe"] || {}
-        out << "| #{PATH_LABELS[key]} | #{r["ok"]}/#{r["requests"]}#{" (#{failures_text(r)})" unless failures_text(r) == "0"} | " \
+        out << "| #{THREADS_LABELS[key]} | #{r["ok"]}/#{r["requests"]}#{" (#{failures_text(r)})" unless failures_text(r) == "0"} | " \
                "#{f(r["wall_secs"], 2)} | #{f(r["p50_ms"], 0)} | #{f(r["p99_ms"], 0)} | #{f(probe["p50_ms"], 1)} | " \
                "#{f(probe["p99_ms"], 1)} | #{f(probe["max_ms"], 1)} | #{probe["count"] || "n/a"} | #{f(r["cpu_s"], 2)} |"
       end
       out << "" << "Every request on a new connection. \"inline\": GET /bench/inline_1k on the same Puma, one at a time every 10 ms " \
-                   "while the burst runs. proxy CPU = the Puma process (nginx: its workers) over the burst."
+                   "while the burst runs. proxy CPU = the Puma process (nginx: its workers) over the burst. " \
+                   "The \"no proxy\" rows (run last) send the 1,000 to the inline action itself, no origin involved: " \
+                   "how long that Puma takes to answer 1,000 connections arriving at once, the floor under any route through it."
       out.concat(stuck_notes("threads"))
     end
 
@@ -242,60 +254,86 @@ module Bench
       a && b && b.positive? ? a / b : nil
     end
 
-    # [target, measured, met (true/false/nil = not measured)]
+    # [target, measured, met (true/false/nil = not measured), the floor a
+    # no-proxy row of the same run sets (nil where none applies)]
     def compute_targets
       list = []
       d = @scenarios["download"]
       if d.is_a?(Hash) && d["proxy_fetch"]
-        p, dir, ng = d["proxy_fetch"], d["direct"], d["nginx"]
+        p, dir, ng, relay = d["proxy_fetch"], d["direct"], d["nginx"], d["relay"]
         r = ratio(p["mb_per_s"], dir["mb_per_s"])
-        list << ["1 GiB: proxy_fetch ≥ 0.9× direct MB/s", "#{f(p["mb_per_s"], 0)} vs #{f(dir["mb_per_s"], 0)} MB/s = #{f(r, 2)}×", r && r >= 0.9]
+        hop = relay && "bare splice relay: #{f(relay["mb_per_s"], 0)} MB/s = #{f(ratio(relay["mb_per_s"], dir["mb_per_s"]), 2)}× direct"
+        list << ["1 GiB: proxy_fetch ≥ 0.9× direct MB/s", "#{f(p["mb_per_s"], 0)} vs #{f(dir["mb_per_s"], 0)} MB/s = #{f(r, 2)}×", r && r >= 0.9, hop]
         r = ng && ratio(p["mb_per_s"], ng["mb_per_s"])
-        list << ["1 GiB: proxy_fetch ≥ 1.0× nginx MB/s", "#{f(p["mb_per_s"], 0)} vs #{f(ng&.dig("mb_per_s"), 0)} MB/s = #{f(r, 2)}×", r && r >= 1.0]
+        list << ["1 GiB: proxy_fetch ≥ 1.0× nginx MB/s", "#{f(p["mb_per_s"], 0)} vs #{f(ng&.dig("mb_per_s"), 0)} MB/s = #{f(r, 2)}×", r && r >= 1.0, nil]
         pc, nc = p["cpu_s_per_gib"], ng&.dig("cpu_s_per_gib")
-        list << ["1 GiB: proxy CPU s/GiB ≤ nginx's", "#{f(pc, 2)} vs #{f(nc, 2)} s/GiB", pc && nc && pc <= nc]
+        list << ["1 GiB: proxy CPU s/GiB ≤ nginx's", "#{f(pc, 2)} vs #{f(nc, 2)} s/GiB", pc && nc && pc <= nc, nil]
       end
       t = @scenarios["threads"]
       ROUTES.each do |key, route|
         next unless t.is_a?(Hash) && (p = t[key])
 
         all_ok = p["ok"] == p["requests"]
-        list << ["Thread freedom#{route}: 1,000 done ≤ 1.5 s", "#{f(p["wall_secs"], 2)} s, #{p["ok"]}/#{p["requests"]} ok", all_ok && p["wall_secs"] <= 1.5]
+        list << ["Thread freedom#{route}: 1,000 done ≤ 1.5 s", "#{f(p["wall_secs"], 2)} s, #{p["ok"]}/#{p["requests"]} ok",
+                 all_ok && p["wall_secs"] <= 1.5, answer_floor(t, key)]
         p99 = p.dig("probe", "p99_ms")
-        list << ["Thread freedom#{route}: inline p99 ≤ 50 ms", "#{f(p99, 1)} ms (p50 #{f(p.dig("probe", "p50_ms"), 1)} ms)", p99 && p99 <= 50]
+        floor = (rack = t["rack_inline"]) && "no proxy, plain Rack: #{f(rack.dig("probe", "p99_ms"), 1)} ms"
+        list << ["Thread freedom#{route}: inline p99 ≤ 50 ms", "#{f(p99, 1)} ms (p50 #{f(p.dig("probe", "p50_ms"), 1)} ms)", p99 && p99 <= 50, floor]
       end
       s = @scenarios["sse"]
       if s.is_a?(Hash) && s["proxy_fetch"]
         p, ng = s["proxy_fetch"], s["nginx"]
-        list << ["SSE: ~9,900 streams healthy", "#{p["healthy"]} of #{s["streams_asked"]}", p["healthy"] >= s["streams_asked"] && s["streams_asked"] >= 9900]
+        list << ["SSE: ~9,900 streams healthy", "#{p["healthy"]} of #{s["streams_asked"]}", p["healthy"] >= s["streams_asked"] && s["streams_asked"] >= 9900, nil]
         ROUTES.each do |key, route|
           next unless (r = s[key])
 
           list << ["SSE#{route}: opened quickly (≤ #{SSE_RAMP_SECS} s, as nginx in the issue)",
-                   "#{f(r["ramp_secs"])} s for #{r["opened"]} (nginx here: #{f(ng&.dig("ramp_secs"))} s)", r["ramp_secs"] && r["ramp_secs"] <= SSE_RAMP_SECS]
+                   "#{f(r["ramp_secs"])} s for #{r["opened"]} (nginx here: #{f(ng&.dig("ramp_secs"))} s)",
+                   r["ramp_secs"] && r["ramp_secs"] <= SSE_RAMP_SECS, ramp_floor(t, key, r["opened"])]
         end
         pr, nr = p["rss_per_stream_kb"], ng&.dig("rss_per_stream_kb")
-        list << ["SSE: RSS per stream ≤ nginx's", "#{f(pr)} vs #{f(nr)} KiB", pr && nr && pr <= nr]
+        list << ["SSE: RSS per stream ≤ nginx's", "#{f(pr)} vs #{f(nr)} KiB", pr && nr && pr <= nr, nil]
         after = p["origin_open_sse_after_2s"]
-        list << ["SSE: all origin streams closed within 2 s", "#{after&.to_i.inspect} open after 2 s (0 after #{f(p["origin_zero_after_secs"], 2)} s)", after && after.zero?]
+        list << ["SSE: all origin streams closed within 2 s", "#{after&.to_i.inspect} open after 2 s (0 after #{f(p["origin_zero_after_secs"], 2)} s)",
+                 after && after.zero?, nil]
       end
       sm = @scenarios["small"]
       ROUTES.each do |key, route|
         next unless sm.is_a?(Hash) && (p = sm[key]) && (i = sm["inline"])
 
         r = ratio(p["rps"], i["rps"])
-        list << ["Small#{route}: proxy_fetch ≥ 1.0× inline req/s", "#{f(p["rps"], 0)} vs #{f(i["rps"], 0)} req/s = #{f(r, 2)}×", r && r >= 1.0]
-        list << ["Small#{route}: proxy_fetch p99 ≤ inline p99", "#{f(p["p99_ms"], 2)} vs #{f(i["p99_ms"], 2)} ms", p["p99_ms"] && i["p99_ms"] && p["p99_ms"] <= i["p99_ms"]]
+        list << ["Small#{route}: proxy_fetch ≥ 1.0× inline req/s", "#{f(p["rps"], 0)} vs #{f(i["rps"], 0)} req/s = #{f(r, 2)}×", r && r >= 1.0, nil]
+        list << ["Small#{route}: proxy_fetch p99 ≤ inline p99", "#{f(p["p99_ms"], 2)} vs #{f(i["p99_ms"], 2)} ms",
+                 p["p99_ms"] && i["p99_ms"] && p["p99_ms"] <= i["p99_ms"], nil]
       end
       list
+    end
+
+    # Every one of the 1,000 passes through the route before its 1 s at the
+    # origin starts, so it cannot finish before that Puma answers 1,000 at once.
+    def answer_floor(threads, key)
+      row_key, who = FLOOR_ROW.fetch(key)
+      return nil unless (row = threads[row_key]) && row["wall_secs"]
+
+      "no proxy, #{who} answers the 1,000 in #{f(row["wall_secs"], 2)} s: ≥ #{f(row["wall_secs"] + 1, 2)} s"
+    end
+
+    # Each stream is one pass through the route, at best at the rate that
+    # Puma answers connections arriving together (scenario 2's no-proxy row).
+    def ramp_floor(threads, key, streams)
+      row_key, who = FLOOR_ROW.fetch(key)
+      return nil unless threads.is_a?(Hash) && (row = threads[row_key]) && row["wall_secs"]&.positive? && streams
+
+      rate = row["requests"] / row["wall_secs"]
+      "no proxy, #{who} answers #{f(rate, 0)} connections/s (scenario 2): #{streams} take ≥ #{f(streams / rate)} s"
     end
 
     def targets_table
       return [] if targets.empty?
 
-      out = ["", "### Targets", "", "| target | measured | met |", "|---|---|---|"]
-      targets.each do |name, measured, met|
-        out << "| #{name} | #{measured} | #{met.nil? ? "n/a" : (met ? "yes" : "**no**")} |"
+      out = ["", "### Targets", "", "| target | measured | met | floor set by a no-proxy row of this run |", "|---|---|---|---|"]
+      targets.each do |name, measured, met, floor|
+        out << "| #{name} | #{measured} | #{met.nil? ? "n/a" : (met ? "yes" : "**no**")} | #{floor || ""} |"
       end
       out
     end

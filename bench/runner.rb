@@ -78,7 +78,9 @@ module Bench
     end
     results["duration_secs"] = (monotonic - started).round
     report = Report.new(results)
-    results["targets"] = report.targets.map { |name, measured, met| { "target" => name, "measured" => measured, "met" => met } }
+    results["targets"] = report.targets.map do |name, measured, met, floor|
+      { "target" => name, "measured" => measured, "met" => met, "floor" => floor }
+    end
     markdown = report.markdown
     stamp = Time.now.utc.strftime("%Y%m%dT%H%M%SZ")
     File.write(File.join(WORK, "results-#{stamp}.json"), JSON.pretty_generate(results))

@@ -30,8 +30,9 @@ module Bench
     # proxy process spent on it. The paths take turns, run by run, so a
     # burst of outside load hits all of them alike rather than one.
     def download
-      with_stack(nginx_large_downloads: true) do |stack|
-        list = paths(stack, "/bytes?n=#{GIB}", proxy: "/bench/proxy/bytes?n=#{GIB}")
+      with_stack(nginx_large_downloads: true, relay: true) do |stack|
+        relay = { "relay" => ["#{stack[:relay].url}/bytes?n=#{GIB}", -> { [stack[:relay].pid] }] }
+        list = paths(stack, "/bytes?n=#{GIB}", proxy: "/bench/proxy/bytes?n=#{GIB}", extra: relay)
         origin_pid = stack[:origin].pid
         list.each_value { |url, _| download_once(url.sub("n=#{GIB}", "n=#{64 << 20}"), [], origin_pid, size: 64 << 20) } # warm-up
         runs = Hash.new { |hash, key| hash[key] = [] }
@@ -56,13 +57,21 @@ module Bench
 
     # 2. Thread freedom: 1,000 concurrent requests that the origin answers
     # after 1 s, through a Puma with 2 threads; an inline action is probed
-    # while they run. Diagnostic row: the same through a plain Rack app.
+    # while they run. Diagnostic rows: the same through a plain Rack app, and
+    # last, with no proxy at all, the 1,000 sent to the inline action itself
+    # (Rails', plain Rack's): how long that Puma takes to answer 1,000
+    # connections at once, the floor under any route through it.
     def threads
       with_stack(rack: true) do |stack|
-        list = paths(stack, "/delay?ms=1000&n=1024", proxy: "/bench/proxy/delay?ms=1000&n=1024", edge: true, rack: true)
+        inline_row = { "inline" => ["#{stack[:puma].url}/bench/inline_1k", -> { [stack[:puma].pid] }] }
+        list = paths(stack, "/delay?ms=1000&n=1024", proxy: "/bench/proxy/delay?ms=1000&n=1024", extra: inline_row,
+                                                     edge: true, rack: true)
+        floors = list.slice("inline", "rack_inline")
+        list = list.except(*floors.keys).merge(floors)
         list.to_h do |name, (url, pids)|
           say "threads: #{name}"
-          puma = { "proxy_fetch" => stack[:puma], "proxy_fetch_edge" => stack[:puma], "rack_proxy_fetch" => stack[:rack] }[name]
+          puma = { "proxy_fetch" => stack[:puma], "proxy_fetch_edge" => stack[:puma], "inline" => stack[:puma],
+                   "rack_proxy_fetch" => stack[:rack], "rack_inline" => stack[:rack] }[name]
           inline = puma && "#{puma.url}/bench/inline_1k"
           # Warm-up: boot-time laziness (pools, Rails caches) out of the way.
           Loadgen.run("burst", url: url.sub("ms=1000", "ms=1"), requests: 50, timeout: 30)
@@ -200,10 +209,11 @@ module Bench
     end
 
     # Starts origin, nginx and Puma (and the plain-Rack Puma with
-    # `rack: true`); always stops them.
-    def with_stack(puma_env: {}, rack: false, nginx_large_downloads: false)
+    # `rack: true`, the bare relay with `relay: true`); always stops them.
+    def with_stack(puma_env: {}, rack: false, nginx_large_downloads: false, relay: false)
       stack = {}
       stack[:origin] = Origin.new.start
+      stack[:relay] = Origin.new(relay_to: stack[:origin].port).start if relay
       stack[:nginx] = Nginx.new(stack[:origin].port, large_downloads: nginx_large_downloads).start if @with_nginx
       stack[:puma] = Puma.new(stack[:origin].url, env: puma_env).start
       if rack
@@ -212,7 +222,7 @@ module Bench
       end
       yield stack
     ensure
-      %i[rack puma nginx origin].each { |key| stack[key]&.stop }
+      %i[rack puma nginx relay origin].each { |key| stack[key]&.stop }
     end
 
     # A path that answered nothing (or `ok` short of its requests): keep

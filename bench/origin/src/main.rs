@@ -19,6 +19,12 @@
 //!
 //! Usage: `bench-origin [--port 0] [--threads 2] [--backlog 4096] [--lifetime-secs 3600]`.
 //! Prints `LISTENING 127.0.0.1:PORT` on stdout once it accepts connections.
+//!
+//! `bench-origin --relay-to HOST:PORT [--port 0] [--lifetime-secs 3600]` is not
+//! an origin but a bare TCP relay to one (relay.rs): the yardstick for what a
+//! proxy hop costs here.
+
+mod relay;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -75,6 +81,8 @@ struct Options {
     threads: usize,
     backlog: u32,
     lifetime: Duration,
+    /// Set: run as the bare relay to this origin instead (relay.rs).
+    relay_to: Option<SocketAddr>,
 }
 
 fn parse_options() -> Result<Options, String> {
@@ -83,6 +91,7 @@ fn parse_options() -> Result<Options, String> {
         threads: 2,
         backlog: 4096,
         lifetime: Duration::from_secs(3600),
+        relay_to: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -93,6 +102,13 @@ fn parse_options() -> Result<Options, String> {
             "--threads" => options.threads = value.parse().map_err(bad)?,
             "--backlog" => options.backlog = value.parse().map_err(bad)?,
             "--lifetime-secs" => options.lifetime = Duration::from_secs(value.parse().map_err(bad)?),
+            "--relay-to" => {
+                options.relay_to = Some(
+                    value
+                        .parse()
+                        .map_err(|_| format!("bad value for {flag}: {value}"))?,
+                )
+            }
             _ => return Err(format!("unknown option {flag}")),
         }
     }
@@ -136,6 +152,20 @@ fn main() {
         }
     };
     let fd_limit = raise_fd_limit();
+    if let Some(upstream) = options.relay_to {
+        // As the origin does: a harness that died cannot leave it running.
+        let lifetime = options.lifetime;
+        std::thread::spawn(move || {
+            std::thread::sleep(lifetime);
+            eprintln!("bench-origin: lifetime over, exiting");
+            std::process::exit(0);
+        });
+        if let Err(message) = relay::serve(options.port, upstream) {
+            eprintln!("bench-origin: {message}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(options.threads)
         .enable_all()
