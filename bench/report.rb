@@ -254,8 +254,8 @@ module Bench
       a && b && b.positive? ? a / b : nil
     end
 
-    # [target, measured, met (true/false/nil = not measured), the floor a
-    # no-proxy row of the same run sets (nil where none applies)]
+    # [target, measured, met (true/false/nil = not measured), what a
+    # no-proxy row of the same run reaches (nil where none applies)]
     def compute_targets
       list = []
       d = @scenarios["download"]
@@ -277,7 +277,7 @@ module Bench
         list << ["Thread freedom#{route}: 1,000 done ≤ 1.5 s", "#{f(p["wall_secs"], 2)} s, #{p["ok"]}/#{p["requests"]} ok",
                  all_ok && p["wall_secs"] <= 1.5, answer_floor(t, key)]
         p99 = p.dig("probe", "p99_ms")
-        floor = (rack = t["rack_inline"]) && "no proxy, plain Rack: #{f(rack.dig("probe", "p99_ms"), 1)} ms"
+        floor = (rack = t["rack_inline"]) && "no proxy, plain Rack: the probe waits #{f(rack.dig("probe", "p99_ms"), 1)} ms behind the 1,000"
         list << ["Thread freedom#{route}: inline p99 ≤ 50 ms", "#{f(p99, 1)} ms (p50 #{f(p.dig("probe", "p50_ms"), 1)} ms)", p99 && p99 <= 50, floor]
       end
       s = @scenarios["sse"]
@@ -310,12 +310,12 @@ module Bench
     end
 
     # Every one of the 1,000 passes through the route before its 1 s at the
-    # origin starts, so it cannot finish before that Puma answers 1,000 at once.
+    # origin starts: about as long as that Puma takes to answer 1,000 at once.
     def answer_floor(threads, key)
       row_key, who = FLOOR_ROW.fetch(key)
       return nil unless (row = threads[row_key]) && row["wall_secs"]
 
-      "no proxy, #{who} answers the 1,000 in #{f(row["wall_secs"], 2)} s: ≥ #{f(row["wall_secs"] + 1, 2)} s"
+      "no proxy, #{who} takes #{f(row["wall_secs"], 2)} s to answer the 1,000; with the origin's 1 s: ≈ #{f(row["wall_secs"] + 1, 2)} s"
     end
 
     # Each stream is one pass through the route, at best at the rate that
@@ -325,13 +325,13 @@ module Bench
       return nil unless threads.is_a?(Hash) && (row = threads[row_key]) && row["wall_secs"]&.positive? && streams
 
       rate = row["requests"] / row["wall_secs"]
-      "no proxy, #{who} answers #{f(rate, 0)} connections/s (scenario 2): #{streams} take ≥ #{f(streams / rate)} s"
+      "no proxy, #{who} answers #{f(rate, 0)} new connections/s (scenario 2): #{streams} take ≈ #{f(streams / rate)} s"
     end
 
     def targets_table
       return [] if targets.empty?
 
-      out = ["", "### Targets", "", "| target | measured | met | floor set by a no-proxy row of this run |", "|---|---|---|---|"]
+      out = ["", "### Targets", "", "| target | measured | met | the same Puma or hop with no proxy work (this run) |", "|---|---|---|---|"]
       targets.each do |name, measured, met, floor|
         out << "| #{name} | #{measured} | #{met.nil? ? "n/a" : (met ? "yes" : "**no**")} | #{floor || ""} |"
       end
