@@ -25,6 +25,11 @@ pub fn serve(port: u16, upstream: SocketAddr) -> Result<(), String> {
     println!("LISTENING {local} relay_to={upstream}");
     use std::io::Write;
     let _ = io::stdout().flush();
+    accept_loop(listener, upstream);
+    Ok(())
+}
+
+fn accept_loop(listener: TcpListener, upstream: SocketAddr) {
     for accepted in listener.incoming() {
         match accepted {
             Ok(client) => {
@@ -40,7 +45,6 @@ pub fn serve(port: u16, upstream: SocketAddr) -> Result<(), String> {
             }
         }
     }
-    Ok(())
 }
 
 fn relay(client: TcpStream, upstream: SocketAddr) -> io::Result<()> {
@@ -163,5 +167,55 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::time::Duration;
+
+    #[test]
+    fn relays_both_ways_and_passes_the_close_on() {
+        // An origin that reads one request line, answers 3 MiB (more than
+        // the pipe holds) and closes.
+        let origin = TcpListener::bind("127.0.0.1:0").unwrap();
+        let upstream = origin.local_addr().unwrap();
+        let body: Vec<u8> = (0..3 << 20).map(|i| (i % 251) as u8).collect();
+        let answer = [
+            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes(),
+            body,
+        ]
+        .concat();
+        let expected = answer.clone();
+        let origin_thread = thread::spawn(move || {
+            let (mut conn, _) = origin.accept().unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut request = Vec::new();
+            let mut byte = [0u8; 1];
+            while !request.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap() == 1 {
+                request.push(byte[0]);
+            }
+            conn.write_all(&answer).unwrap();
+            request
+        });
+        let relay = TcpListener::bind("127.0.0.1:0").unwrap();
+        let relay_addr = relay.local_addr().unwrap();
+        thread::spawn(move || accept_loop(relay, upstream));
+
+        let mut client = TcpStream::connect(relay_addr).unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        client
+            .write_all(b"GET /bytes HTTP/1.1\r\nhost: x\r\n\r\n")
+            .unwrap();
+        let mut received = Vec::new();
+        client.read_to_end(&mut received).unwrap();
+        assert_eq!(
+            origin_thread.join().unwrap(),
+            b"GET /bytes HTTP/1.1\r\nhost: x\r\n\r\n"
+        );
+        assert_eq!(received.len(), expected.len());
+        assert!(received == expected, "the relayed bytes differ from the origin's");
     }
 }
