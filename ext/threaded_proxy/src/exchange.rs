@@ -430,7 +430,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
                 .relay_origin(head, OriginBody::Plain(body), body_length, head_length)
                 .await;
         };
-        self.send_origin_head(&head, framing, head_length).await?;
+        self.hold_origin_head(&head, framing, head_length)?;
+        // At once: the splice writes to the socket itself.
+        self.flush_head().await?;
         let Some((buffered, left)) = body.take_for_splice() else {
             return Err(ProxyError::Internal {
                 message: "origin body lost its length before the splice".to_owned(),
@@ -648,64 +650,43 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         B::Error: Into<BoxError>,
     {
         let framing = headers::framing(head.status, self.spec.client, body_length);
-        self.validate_head(&head.headers)?;
-        // Held: a small answer leaves in one writev with its first body bytes.
-        let buf = self.head_bytes(
-            head.status,
-            head.reason.as_deref(),
-            &head.headers,
-            framing,
-            head_length,
-        );
-        self.writer.hold_head(buf, framing);
+        self.hold_origin_head(&head, framing, head_length)?;
         if framing != Framing::None {
             self.copy_body(body, true).await?;
         }
         self.finish().await
     }
 
-    /// Checks the (possibly changed) origin head and sends it.
-    async fn send_origin_head(
+    /// Checks the (possibly changed) origin head and holds it for the body.
+    fn hold_origin_head(
         &mut self,
         head: &ResponseHead,
         framing: Framing,
         head_length: Option<u64>,
     ) -> Result<(), ProxyError> {
         self.validate_head(&head.headers)?;
-        self.send_head(
+        self.hold_head(
             head.status,
             head.reason.as_deref(),
             &head.headers,
             framing,
             head_length,
-        )
-        .await
+        );
+        Ok(())
     }
 
-    async fn send_head(
+    /// Records the head as the one the client gets and hands it to the
+    /// writer, which sends it with the first body bytes: a small answer is
+    /// one writev. It leaves alone before anything waits (`copy_body`,
+    /// `flush_head`, `finish`).
+    fn hold_head(
         &mut self,
         status: u16,
         reason: Option<&str>,
         headers: &HeaderList,
         framing: Framing,
         head_length: Option<u64>,
-    ) -> Result<(), ProxyError> {
-        let buf = self.head_bytes(status, reason, headers, framing, head_length);
-        let before = self.writer.bytes_written;
-        let sent = self.writer.send_head(buf, framing).await;
-        self.count_to_client(before);
-        sent
-    }
-
-    /// The head's bytes, recorded as the one the client gets.
-    fn head_bytes(
-        &mut self,
-        status: u16,
-        reason: Option<&str>,
-        headers: &HeaderList,
-        framing: Framing,
-        head_length: Option<u64>,
-    ) -> BytesMut {
+    ) {
         let mut buf = BytesMut::new();
         headers::write_head(&mut buf, status, reason, headers, framing, head_length);
         self.status = Some(status);
@@ -716,7 +697,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
                 headers: headers.clone(),
             });
         }
-        buf
+        self.writer.hold_head(buf, framing);
     }
 
     fn count_from_origin(&mut self, n: u64) {
@@ -910,14 +891,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         match rendered.body {
             RenderedBody::Bytes(bytes) => {
                 let framing = headers::framing(rendered.status, self.spec.client, Some(bytes.len() as u64));
-                self.send_head(
+                self.hold_head(
                     rendered.status,
                     None,
                     &rendered.headers,
                     framing,
                     Some(bytes.len() as u64),
-                )
-                .await?;
+                );
                 if framing != Framing::None {
                     self.copy_body(http_body_util::Full::new(bytes), false).await?;
                 }
@@ -934,8 +914,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
                 let body = BodySource::File { file, offset }
                     .into_body()
                     .map_err(|e| self.file_error(e))?;
-                self.send_head(rendered.status, None, &rendered.headers, framing, Some(length))
-                    .await?;
+                self.hold_head(rendered.status, None, &rendered.headers, framing, Some(length));
                 if framing != Framing::None {
                     self.copy_body(body, false).await?;
                 }
