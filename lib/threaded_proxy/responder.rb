@@ -26,7 +26,9 @@ module ThreadedProxy
         pairs << %w[content-type application/json] unless pairs.any? { |n, _| n.casecmp?("content-type") }
       end
       status = Integer(status)
-      raise ArgumentError, "status must be between 100 and 999" unless (100..999).cover?(status)
+      unless Response::FINAL_STATUS.cover?(status)
+        raise ArgumentError, "status must be a final HTTP status (200..599), got #{status}"
+      end
 
       deliver(status, pairs, body || "")
       @closed = true

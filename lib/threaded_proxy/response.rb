@@ -7,6 +7,9 @@ module ThreadedProxy
   # and change; the body only inside on_response (buffered on demand).
   # Headers are kept as ordered pairs so repeated ones (Set-Cookie) survive.
   class Response
+    # The statuses a callback may give the client (Responder#render too).
+    FINAL_STATUS = (200..599).freeze
+
     attr_reader :status
 
     def initialize(status, reason, header_pairs, job: nil)
@@ -32,9 +35,12 @@ module ThreadedProxy
       @reason
     end
 
+    # A final status only (200..599): a 1xx is an interim answer (after
+    # `100 Continue` the client would wait for an answer that never comes)
+    # and 600 and up are no HTTP status. ArgumentError in the callback (500).
     def status=(value)
       value = Integer(value)
-      raise ArgumentError, "status must be between 100 and 999" unless (100..999).cover?(value)
+      raise ArgumentError, "status must be a final HTTP status (200..599), got #{value}" unless FINAL_STATUS.cover?(value)
 
       @reason = nil unless value == @status
       @status = value

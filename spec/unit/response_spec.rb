@@ -49,6 +49,18 @@ RSpec.describe ThreadedProxy::Response do
     expect { r.status = 42 }.to raise_error(ArgumentError)
   end
 
+  # issue 15 item 8: a 1xx set here went out as an interim answer and the
+  # client never got a final one.
+  it "refuses interim (1xx) and out-of-range statuses, keeps the status it had" do
+    r = described_class.new(200, nil, [])
+    [100, 101, 103, 199, 600, 999].each do |status|
+      expect { r.status = status }.to raise_error(ArgumentError, /final HTTP status \(200\.\.599\), got #{status}/)
+    end
+    expect(r.status).to eq(200)
+    r.status = 599
+    expect(r.status).to eq(599)
+  end
+
   it "has no body outside on_response" do
     expect { response.body }.to raise_error(ThreadedProxy::Error, /only available inside on_response/)
   end

@@ -124,7 +124,9 @@ impl Job {
         }
     }
 
-    /// Lets the exchange go on with this status line and headers.
+    /// Lets the exchange go on with this status line and headers. Status 0
+    /// (on_error's "use the default answer") and the head's own status (101
+    /// for a protocol switch) pass; a new one must be a final status.
     fn continue_with(
         ruby: &Ruby,
         rb_self: &Self,
@@ -132,6 +134,10 @@ impl Job {
         reason: Option<String>,
         headers: RArray,
     ) -> Result<bool, Error> {
+        let unchanged = rb_self.head.as_ref().map(|h| h.status);
+        if status != 0 && Some(status) != unchanged {
+            check_final_status(ruby, status)?;
+        }
         let headers = parse_headers(ruby, headers)?;
         Ok(rb_self.answer(CallbackReply::Continue(ResponseHead {
             status,
@@ -142,6 +148,7 @@ impl Job {
 
     /// Answers with a String body.
     fn render(ruby: &Ruby, rb_self: &Self, status: u16, headers: RArray, body: Bytes) -> Result<bool, Error> {
+        check_final_status(ruby, status)?;
         let headers = parse_headers(ruby, headers)?;
         Ok(rb_self.answer(CallbackReply::Render(Rendered {
             status,
@@ -159,6 +166,7 @@ impl Job {
         headers: RArray,
         fd: i32,
     ) -> Result<bool, Error> {
+        check_final_status(ruby, status)?;
         let headers = parse_headers(ruby, headers)?;
         let owned = handoff::duplicate(fd).map_err(|e| {
             Error::new(
@@ -220,6 +228,21 @@ impl Job {
                 )),
             }
         })
+    }
+}
+
+/// The one answer a client may get in place of the origin's: 200–599. A
+/// 1xx is an interim answer (after a `100 Continue` the client waits for
+/// the real one, which never comes), 600 and up are no HTTP status.
+/// Response#status= and Responder#render check the same range first.
+fn check_final_status(ruby: &Ruby, status: u16) -> Result<(), Error> {
+    if (200..=599).contains(&status) {
+        Ok(())
+    } else {
+        Err(errors::argument_error(
+            ruby,
+            format!("status {status} is not a final HTTP status (200..599)"),
+        ))
     }
 }
 
