@@ -44,9 +44,12 @@ module ThreadedProxy
       configuration
     end
 
-    # Counters of this process (active, started, completed, failed_*, …).
+    # Counters of this process (active, started, completed, failed_*, …),
+    # with callback_jobs_queued (jobs waiting for a callback thread),
+    # callback_threads_alive and callback_threads_replaced (threads a
+    # callback ended, each replaced at once).
     def stats
-      Native.stats
+      Native.stats.merge!(Dispatcher.instance.thread_stats)
     end
 
     # Starts the runtime and the callback threads now instead of on the first

@@ -7,11 +7,37 @@ module ThreadedProxy
   #
   # Procs are kept here, keyed by exchange id, until Rust reports the
   # exchange finished: Rust only ever holds the id.
+  #
+  # A callback's fault stays inside its own exchange. Whatever it raises
+  # (`exit`, SystemStackError, Interrupt, NoMemoryError, not only
+  # StandardError) is rescued on the callback thread: the exchange answers
+  # 500 or runs its on_error, the log names the callback and carries the
+  # backtrace. Nothing else can arrive as an exception on these threads: a
+  # real signal (SIGINT, SIGTERM) is handled by Ruby on the main thread, so
+  # it still stops the process, and the VM ends these threads at exit with a
+  # kill, which no rescue sees. A thread that dies anyway (Thread#kill from a
+  # callback) is replaced from its own `ensure`, and its unanswered job fails
+  # at once instead of waiting for callback_timeout.
   class Dispatcher
-    Record = Struct.new(:config, :method, :url, :response, keyword_init: true)
+    Record = Struct.new(:config, :method, :url, :response, :failure, :failure_message, keyword_init: true)
 
+    # The callback each job kind runs, for log lines and error messages.
+    CALLBACKS = {
+      "headers" => "on_headers", "response" => "on_response", "error" => "on_error", "finished" => "on_complete"
+    }.freeze
+
+    # Lines of a callback's backtrace written to the log (a SystemStackError
+    # has thousands).
+    BACKTRACE_LINES = 30
+
+    INSTANCE_LOCK = Mutex.new
+    private_constant :INSTANCE_LOCK
+
+    # The process's one dispatcher. Created under a lock: two threads racing
+    # here must not get two dispatchers handing out the same exchange ids.
+    # Once it exists the lock is skipped (the common case, on every exchange).
     def self.instance
-      @instance ||= new
+      @instance || INSTANCE_LOCK.synchronize { @instance ||= new }
     end
 
     # Whether anyone subscribed to the threaded_proxy.fetch event.
@@ -20,11 +46,22 @@ module ThreadedProxy
         ::ActiveSupport::Notifications.notifier.listening?("threaded_proxy.fetch")
     end
 
+    # Set by at_exit (below): the VM is about to kill every thread, so a
+    # dying callback thread must not start a replacement (that would loop).
+    def self.exiting!
+      @exiting = true
+    end
+
+    def self.exiting?
+      @exiting == true
+    end
+
     def initialize
       @mutex = Mutex.new
       @records = {}
       @next_id = 0
       @threads = []
+      @replaced = 0
       @pid = nil
     end
 
@@ -48,6 +85,15 @@ module ThreadedProxy
       @mutex.synchronize { @records.size }
     end
 
+    # Callback threads of this process that are alive, and how many were
+    # replaced after dying (for ThreadedProxy.stats).
+    def thread_stats
+      @mutex.synchronize do
+        alive = @pid == Process.pid ? @threads.count(&:alive?) : 0
+        { callback_threads_alive: alive, callback_threads_replaced: @replaced }
+      end
+    end
+
     def stop
       @mutex.synchronize do
         Native.close_callbacks
@@ -66,23 +112,52 @@ module ThreadedProxy
       @records = {}
       @pid = Process.pid
       count = ThreadedProxy.configuration.callback_threads
-      @threads = Array.new(count) do |i|
-        Thread.new do
-          Thread.current.name = "threaded-proxy-callbacks-#{i}"
-          Thread.current.report_on_exception = true
-          run
-        end
+      @threads = Array.new(count) { |i| spawn_thread(i) }
+    end
+
+    # Called with @mutex held.
+    def spawn_thread(index)
+      pid = @pid
+      Thread.new do
+        Thread.current.name = "threaded-proxy-callbacks-#{index}"
+        Thread.current.report_on_exception = true
+        run(index, pid)
       end
     end
 
-    def run
-      pid = Process.pid
+    def run(index, pid)
+      job = nil
       while @pid == pid
         job = Native.next_job(nil)
         next if job.nil? # interrupted: a pending Thread#raise/kill fires now
 
         handle(job)
+        job = nil
       end
+    rescue Exception => e # rubocop:disable Lint/RescueException
+      # Outside any callback (a Thread#raise while waiting, a logger that
+      # raised): never let it end the process (a thread's SystemExit would).
+      warn("[threaded-proxy] callback thread #{index} failed: #{e.class}: #{e.message}")
+    ensure
+      retire(index, pid, job)
+    end
+
+    # The thread is ending: unless the dispatcher stops, a replacement takes
+    # its place first (so the client's 500 never arrives before it), then
+    # the job it was running, if any and unanswered, fails now.
+    def retire(index, pid, job)
+      record = @mutex.synchronize do
+        if @pid == pid && !self.class.exiting? && @threads[index].equal?(Thread.current)
+          @threads[index] = spawn_thread(index)
+          @replaced += 1
+        end
+        job && @records[job.exchange_id]
+      end
+      return unless job # set while a job runs: the thread ended inside a callback
+
+      message = "#{CALLBACKS[job.kind]} ended its callback thread (Thread#kill or similar)"
+      job.fail(message) unless job.answered?
+      log_line("[threaded-proxy] #{message} for #{where(record, job)}; the thread was replaced")
     end
 
     def handle(job)
@@ -94,9 +169,40 @@ module ThreadedProxy
       when "error" then on_error(job, record)
       when "finished" then finished(job, record)
       end
-    rescue StandardError, ScriptError => e
-      log_callback_failure(e, record)
-      job.fail("#{e.class}: #{e.message}") unless job.answered?
+    rescue Exception => e # rubocop:disable Lint/RescueException -- see the class comment
+      failed(job, record, e)
+    end
+
+    # A callback raised: keep what on_error of this exchange will be handed,
+    # answer the exchange (500, or its on_error), then log it (a logger that
+    # raises cannot leave the exchange waiting).
+    def failed(job, record, exception)
+      callback = CALLBACKS[job.kind]
+      unless job.answered?
+        message = "#{callback} raised #{exception.class}: #{exception.message}"
+        if record
+          record.failure = callback_error(callback, exception, record)
+          record.failure_message = message
+        end
+        job.fail(message)
+      end
+      log_callback_failure(callback, exception, record)
+    end
+
+    # What on_error gets for a callback's exception: the gem's own errors
+    # (BodyTooLargeError, InvalidHeaderError, …) unchanged; anything else as
+    # a CallbackError whose `cause` is the very object raised (class,
+    # message, backtrace and its own cause intact).
+    def callback_error(callback, exception, record)
+      return exception if exception.is_a?(Error)
+
+      begin
+        raise CallbackError.new("#{callback} raised #{exception.class}: #{exception.message}",
+                                url: record&.url, kind: "callback", callback: callback),
+              cause: exception
+      rescue CallbackError => e
+        e
+      end
     end
 
     def on_headers(job, record)
@@ -113,19 +219,30 @@ module ThreadedProxy
       record.response = response
       return if responder.closed?
       if response.body_consumed?
-        raise ResponseBodyAlreadyConsumedError,
-              "on_response read response.body but rendered nothing; call responder.render"
+        raise ResponseBodyAlreadyConsumedError.new(
+          "on_response read response.body but rendered nothing; call responder.render", url: record.url
+        )
       end
 
       job.continue(response.status, response.reason_if_changed, response.header_pairs)
     end
 
+    # An error caused by an earlier callback of this exchange reaches
+    # on_error as what that callback raised (see #callback_error); Rust only
+    # knows its message, which identifies it.
     def on_error(job, record)
       responder = Responder.new(job)
-      record.config[:on_error].call(job.error, responder)
+      error = job.error
+      if record&.failure && error.kind == "callback" && error.message == record.failure_message
+        error = record.failure
+        record.failure = nil
+      end
+      record.config[:on_error].call(error, responder)
       job.continue(0, nil, []) unless responder.closed?
     end
 
+    # on_complete, then the log line and the event, even when on_complete
+    # raised.
     def finished(job, record)
       summary = job.summary
       error = summary[:error]
@@ -134,8 +251,11 @@ module ThreadedProxy
         response = head ? Response.new(job.status, job.reason, head) : (record.response || Response.new(summary[:status], nil, []))
         callback.call(response)
       end
-      log_error(summary) if error
-      instrument(summary)
+    ensure
+      if summary
+        log_error(summary) if summary[:error]
+        instrument(summary)
+      end
     end
 
     def instrument(summary)
@@ -156,15 +276,37 @@ module ThreadedProxy
       error.kind == "client" ? logger.info(line) : logger.error(line)
     end
 
-    def log_callback_failure(exception, record)
-      logger = ThreadedProxy.configuration.logger_or_default
-      where = record ? "#{record.method} #{record.url}" : "unknown exchange"
-      message = "[threaded-proxy] callback raised for #{where}: #{exception.class}: #{exception.message}"
-      if logger
-        logger.error(message)
-      else
-        warn(message)
+    # "GET http://…" for log lines; on_complete's record is already gone,
+    # its job's summary still names the exchange.
+    def where(record, job = nil)
+      return "#{record.method.to_s.upcase} #{record.url}" if record
+
+      summary = job&.kind == "finished" ? job.summary : nil
+      summary ? "#{summary[:method]} #{summary[:url]}" : "unknown exchange"
+    end
+
+    # One log entry: which callback, what it raised, for which exchange,
+    # then the backtrace (and the causes' first lines).
+    def log_callback_failure(callback, exception, record)
+      lines = ["[threaded-proxy] #{callback} raised #{exception.class}: #{exception.message} for #{where(record)}"]
+      backtrace = exception.backtrace || []
+      lines.concat(backtrace.first(BACKTRACE_LINES).map { |l| "  #{l}" })
+      lines << "  … #{backtrace.size - BACKTRACE_LINES} more lines" if backtrace.size > BACKTRACE_LINES
+      cause = exception.cause
+      while cause
+        lines << "  caused by #{cause.class}: #{cause.message}"
+        lines << "    #{cause.backtrace.first}" if cause.backtrace&.first
+        cause = cause.cause
       end
+      log_line(lines.join("\n"))
+    end
+
+    def log_line(text)
+      logger = ThreadedProxy.configuration.logger_or_default
+      logger ? logger.error(text) : warn(text)
     end
   end
 end
+
+# Runs before the VM kills the remaining threads at exit.
+at_exit { ThreadedProxy::Dispatcher.exiting! }

@@ -33,4 +33,19 @@ module ThreadedProxy
   class BodyTooLargeError < Error; end
   # on_response read the body but rendered nothing.
   class ResponseBodyAlreadyConsumedError < Error; end
+
+  # A callback failed. What on_error gets when an earlier callback of the
+  # same exchange raised something that is not a ThreadedProxy::Error:
+  # `cause` is the exception object it raised (class, message, backtrace);
+  # `callback` names the callback ("on_headers", …). Also what on_error gets,
+  # without a cause, when a callback did not answer within callback_timeout
+  # or ended its own thread.
+  class CallbackError < Error
+    attr_reader :callback
+
+    def initialize(message = nil, callback: nil, **options)
+      super(message, **options)
+      @callback = callback
+    end
+  end
 end

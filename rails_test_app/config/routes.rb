@@ -39,6 +39,14 @@ Rails.application.routes.draw do
   end
   # end async specs
 
+  # fault specs (spec/integration/faults_spec.rb)
+  scope "/faults", controller: :faults, format: false do
+    get "report", action: :report
+    get "status", action: :status
+    get ":callback/:fault", action: :fault
+  end
+  # end fault specs
+
   # bench routes (bench/, rakelib/bench.rake)
   get "/bench/inline_1k", to: "bench#inline_1k"
   get "/bench/proxy/*path", to: "bench#proxy", format: false

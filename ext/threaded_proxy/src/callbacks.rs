@@ -153,6 +153,16 @@ impl CallbackEvent {
             CallbackEvent::Finished(_) => "finished",
         }
     }
+
+    /// The user's callback this event runs, to name it in error messages.
+    pub fn callback(&self) -> &'static str {
+        match self {
+            CallbackEvent::Headers(_) => "on_headers",
+            CallbackEvent::Response(_) => "on_response",
+            CallbackEvent::Error(_) => "on_error",
+            CallbackEvent::Finished(_) => "on_complete",
+        }
+    }
 }
 
 /// A body a callback renders instead of the origin's.
@@ -249,21 +259,23 @@ impl CallbackBridge {
         Ok(rx)
     }
 
-    /// Awaits a reply under the timeout; a dropped or late reply is an error.
+    /// Awaits a reply under the timeout; a dropped or late reply is an error
+    /// that names the `callback` (on_error and the log show it).
     pub async fn await_reply(
         &self,
         rx: oneshot::Receiver<CallbackReply>,
         url: &str,
+        callback: &str,
     ) -> Result<CallbackReply, ProxyError> {
         match tokio::time::timeout(self.reply_timeout, rx).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(ProxyError::Callback {
                 url: url.to_owned(),
-                message: "callback finished without answering".to_owned(),
+                message: format!("{callback} finished without answering"),
             }),
             Err(_) => Err(ProxyError::Callback {
                 url: url.to_owned(),
-                message: format!("callback did not answer within {:?}", self.reply_timeout),
+                message: format!("{callback} did not answer within {:?}", self.reply_timeout),
             }),
         }
     }
@@ -274,8 +286,9 @@ impl CallbackBridge {
         event: CallbackEvent,
         url: &str,
     ) -> Result<CallbackReply, ProxyError> {
+        let callback = event.callback();
         let rx = self.request(exchange_id, event, None, url)?;
-        self.await_reply(rx, url).await
+        self.await_reply(rx, url, callback).await
     }
 }
 
@@ -387,7 +400,14 @@ mod tests {
             .request(1, CallbackEvent::Headers(head), None, "http://x")
             .unwrap();
         drop(bridge.queue.pop_wait(&AtomicBool::new(false), None));
-        let err = bridge.await_reply(rx, "http://x").await.err().unwrap();
-        assert!(err.to_string().contains("without answering"), "{err}");
+        let err = bridge
+            .await_reply(rx, "http://x", "on_headers")
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string().contains("on_headers finished without answering"),
+            "{err}"
+        );
     }
 }

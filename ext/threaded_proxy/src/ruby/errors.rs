@@ -24,7 +24,8 @@ fn class_name(kind: ErrorKind) -> &'static str {
         ErrorKind::Overload => "OverloadError",
         ErrorKind::InvalidHeader => "InvalidHeaderError",
         ErrorKind::BodyTooLarge => "BodyTooLargeError",
-        ErrorKind::Callback | ErrorKind::Client | ErrorKind::Internal => "Error",
+        ErrorKind::Callback => "CallbackError",
+        ErrorKind::Client | ErrorKind::Internal => "Error",
     }
 }
 

@@ -160,8 +160,12 @@ fn stats(ruby: &Ruby) -> Result<RHash, Error> {
     for (name, value) in pairs {
         hash.aset(ruby.to_symbol(name), value)?;
     }
+    // Callback jobs waiting for a Ruby callback thread (callbacks_queued is
+    // the older name of the same number).
+    let queued = runtime::existing().map_or(0, |p| p.callbacks.queue.len());
+    hash.aset(ruby.to_symbol("callback_jobs_queued"), queued)?;
     if let Some(proxy) = runtime::existing() {
-        hash.aset(ruby.to_symbol("callbacks_queued"), proxy.callbacks.queue.len())?;
+        hash.aset(ruby.to_symbol("callbacks_queued"), queued)?;
         hash.aset(
             ruby.to_symbol("tasks_alive"),
             proxy.runtime.metrics().num_alive_tasks(),
