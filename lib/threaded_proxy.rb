@@ -46,8 +46,10 @@ module ThreadedProxy
 
     # Counters of this process (active, started, completed, failed_*, …),
     # with callback_jobs_queued (jobs waiting for a callback thread),
-    # callback_threads_alive and callback_threads_replaced (threads a
-    # callback ended, each replaced at once).
+    # callback_jobs_expired (dropped unrun: their exchange had failed),
+    # callback_threads_alive, callback_threads_replaced (threads a callback
+    # ended or held past callback_timeout, each replaced) and
+    # callback_threads_stuck (replaced ones still in their callback).
     def stats
       Native.stats.merge!(Dispatcher.instance.thread_stats)
     end

@@ -17,7 +17,10 @@ module ThreadedProxy
   # it still stops the process, and the VM ends these threads at exit with a
   # kill, which no rescue sees. A thread that dies anyway (Thread#kill from a
   # callback) is replaced from its own `ensure`, and its unanswered job fails
-  # at once instead of waiting for callback_timeout.
+  # at once instead of waiting for callback_timeout. A callback still
+  # running past callback_timeout (its exchange has already failed) keeps
+  # its thread, but a watcher gives its slot to a new thread, so a hung
+  # callback cannot starve the others either.
   class Dispatcher
     Record = Struct.new(:config, :method, :url, :response, :failure, :failure_message, keyword_init: true)
 
@@ -29,6 +32,11 @@ module ThreadedProxy
     # Lines of a callback's backtrace written to the log (a SystemStackError
     # has thousands).
     BACKTRACE_LINES = 30
+
+    # Thread variable: monotonic time the thread's current job started.
+    BUSY_SINCE = :threaded_proxy_busy_since
+    # Seconds past callback_timeout before a busy thread counts as stuck.
+    STUCK_MARGIN = 1.0
 
     INSTANCE_LOCK = Mutex.new
     private_constant :INSTANCE_LOCK
@@ -61,7 +69,10 @@ module ThreadedProxy
       @records = {}
       @next_id = 0
       @threads = []
+      @stuck = []
       @replaced = 0
+      @watch = ConditionVariable.new
+      @watcher = nil
       @pid = nil
     end
 
@@ -85,21 +96,26 @@ module ThreadedProxy
       @mutex.synchronize { @records.size }
     end
 
-    # Callback threads of this process that are alive, and how many were
-    # replaced after dying (for ThreadedProxy.stats).
+    # For ThreadedProxy.stats: callback threads of this process that are
+    # alive, how many were replaced (died, or stuck in a callback past
+    # callback_timeout) and how many stuck ones still run their callback.
     def thread_stats
       @mutex.synchronize do
-        alive = @pid == Process.pid ? @threads.count(&:alive?) : 0
-        { callback_threads_alive: alive, callback_threads_replaced: @replaced }
+        ours = @pid == Process.pid
+        @stuck.select!(&:alive?)
+        { callback_threads_alive: ours ? @threads.count(&:alive?) : 0, callback_threads_replaced: @replaced,
+          callback_threads_stuck: ours ? @stuck.size : 0 }
       end
     end
 
     def stop
       @mutex.synchronize do
         Native.close_callbacks
-        threads = @threads
+        threads = @threads + [@watcher].compact
         @threads = []
+        @watcher = nil
         @pid = nil
+        @watch.broadcast
         threads
       end.each { |t| t.join(2) }
     end
@@ -112,26 +128,40 @@ module ThreadedProxy
       @records = {}
       @pid = Process.pid
       count = ThreadedProxy.configuration.callback_threads
+      @stuck = []
       @threads = Array.new(count) { |i| spawn_thread(i) }
+      pid = @pid
+      @watcher = Thread.new do
+        Thread.current.name = "threaded-proxy-callback-watcher"
+        watch(pid)
+      end
     end
 
-    # Called with @mutex held.
+    # Called with @mutex held, and the caller stores the thread in
+    # @threads[index] before it lets go: the thread waits for the lock
+    # first, so it always finds itself in its slot.
     def spawn_thread(index)
       pid = @pid
       Thread.new do
         Thread.current.name = "threaded-proxy-callbacks-#{index}"
         Thread.current.report_on_exception = true
+        @mutex.synchronize { nil }
         run(index, pid)
       end
     end
 
+    # Runs jobs until the dispatcher stops or the watcher gave this
+    # thread's slot to another (it was stuck in a callback).
     def run(index, pid)
       job = nil
-      while @pid == pid
+      me = Thread.current
+      while @pid == pid && @threads[index].equal?(me)
         job = Native.next_job(nil)
         next if job.nil? # interrupted: a pending Thread#raise/kill fires now
 
+        me.thread_variable_set(BUSY_SINCE, Process.clock_gettime(Process::CLOCK_MONOTONIC))
         handle(job)
+        me.thread_variable_set(BUSY_SINCE, nil)
         job = nil
       end
     rescue Exception => e # rubocop:disable Lint/RescueException
@@ -156,8 +186,48 @@ module ThreadedProxy
       return unless job # set while a job runs: the thread ended inside a callback
 
       message = "#{CALLBACKS[job.kind]} ended its callback thread (Thread#kill or similar)"
-      job.fail(message) unless job.answered?
       log_line("[threaded-proxy] #{message} for #{where(record, job)}; the thread was replaced")
+      job.fail(message) unless job.answered?
+    end
+
+    # Every quarter of callback_timeout: a thread whose callback has run
+    # longer than callback_timeout and one more second (Rust has failed that
+    # exchange by then, and dropped what was queued behind it) leaves its
+    # slot to a new thread and finishes its callback on its own; the log
+    # shows where it is stuck.
+    def watch(pid)
+      limit = Float(ThreadedProxy.configuration.callback_timeout)
+      loop do
+        stuck = @mutex.synchronize do
+          @watch.wait(@mutex, limit / 4)
+          replace_stuck(limit) if @pid == pid && !self.class.exiting?
+        end
+        break unless stuck
+
+        stuck.each { |thread, seconds| log_stuck(thread, seconds, limit) }
+      end
+    rescue Exception => e # rubocop:disable Lint/RescueException
+      warn("[threaded-proxy] callback watcher failed: #{e.class}: #{e.message}") if @pid == pid
+    end
+
+    def log_stuck(thread, seconds, limit)
+      where = (thread.backtrace || []).reject { |l| l.include?(__FILE__) }.first(5).join("\n  ")
+      log_line("[threaded-proxy] a callback has run #{format("%.1f", seconds)}s, past callback_timeout " \
+               "(#{limit}s), on #{thread.name}; its exchange failed, the thread was replaced; it is at:\n  #{where}")
+    end
+
+    # Called with @mutex held; returns [[thread, seconds busy], …].
+    def replace_stuck(limit)
+      now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+      @threads.each_with_index.filter_map do |thread, index|
+        since = thread.thread_variable_get(BUSY_SINCE)
+        next unless since && now - since > limit + STUCK_MARGIN
+
+        @stuck << thread
+        @threads[index] = spawn_thread(index)
+        @replaced += 1
+        [thread, now - since]
+      end
     end
 
     def handle(job)
@@ -173,20 +243,20 @@ module ThreadedProxy
       failed(job, record, e)
     end
 
-    # A callback raised: keep what on_error of this exchange will be handed,
-    # answer the exchange (500, or its on_error), then log it (a logger that
-    # raises cannot leave the exchange waiting).
+    # A callback raised: log it (before the client hears of it), keep what
+    # on_error of this exchange will be handed, and answer the exchange
+    # (500, or its on_error).
     def failed(job, record, exception)
       callback = CALLBACKS[job.kind]
-      unless job.answered?
-        message = "#{callback} raised #{exception.class}: #{exception.message}"
-        if record
-          record.failure = callback_error(callback, exception, record)
-          record.failure_message = message
-        end
-        job.fail(message)
-      end
       log_callback_failure(callback, exception, record)
+      return if job.answered?
+
+      message = "#{callback} raised #{exception.class}: #{exception.message}"
+      if record
+        record.failure = callback_error(callback, exception, record)
+        record.failure_message = message
+      end
+      job.fail(message)
     end
 
     # What on_error gets for a callback's exception: the gem's own errors
@@ -288,7 +358,8 @@ module ThreadedProxy
     # One log entry: which callback, what it raised, for which exchange,
     # then the backtrace (and the causes' first lines).
     def log_callback_failure(callback, exception, record)
-      lines = ["[threaded-proxy] #{callback} raised #{exception.class}: #{exception.message} for #{where(record)}"]
+      lines = ["[threaded-proxy] callback raised in #{callback} for #{where(record)}: " \
+               "#{exception.class}: #{exception.message}"]
       backtrace = exception.backtrace || []
       lines.concat(backtrace.first(BACKTRACE_LINES).map { |l| "  #{l}" })
       lines << "  … #{backtrace.size - BACKTRACE_LINES} more lines" if backtrace.size > BACKTRACE_LINES
@@ -301,9 +372,12 @@ module ThreadedProxy
       log_line(lines.join("\n"))
     end
 
+    # A logger that raises must not keep an exchange from its answer.
     def log_line(text)
       logger = ThreadedProxy.configuration.logger_or_default
       logger ? logger.error(text) : warn(text)
+    rescue StandardError => e
+      warn("[threaded-proxy] the logger raised #{e.class}: #{e.message}; the line was: #{text}")
     end
   end
 end

@@ -93,24 +93,33 @@ RSpec.describe "callback faults stay inside their exchange" do
     expect(puma.running?).to be(true)
   end
 
+  # [path of the faulty action, the origin URL it proxies to]
+  def fault_target(callback, fault)
+    return ["/faults/#{callback}/#{fault}", "#{@origin.url}/echo"] unless callback == "on_error"
+
+    origin = "http://127.0.0.1:#{closed_port}" # refused: on_error runs
+    ["/faults/#{callback}/#{fault}?origin=#{origin}", "#{origin}/echo"]
+  end
+
   def fault_path(callback, fault)
-    query = callback == "on_error" ? "?origin=http://127.0.0.1:#{closed_port}" : ""
-    "/faults/#{callback}/#{fault}#{query}"
+    fault_target(callback, fault).first
   end
 
   describe "exit and exceptions that are not StandardError (item 1)" do
     {
-      "exit" => "SystemExit", "abort" => "SystemExit", "interrupt" => "Interrupt", "stack" => "SystemStackError"
+      "exit" => "SystemExit: exit", "abort" => "SystemExit: faults: abort from a callback",
+      "interrupt" => "Interrupt: Interrupt", "stack" => "SystemStackError: stack level too deep"
     }.each do |fault, exception|
       %w[on_headers on_response on_error on_complete].each do |callback|
         it "#{fault} in #{callback}: that exchange only, Puma keeps serving, the log names #{callback}" do
-          response, took = timed_get(fault_path(callback, fault))
+          path, url = fault_target(callback, fault)
+          response, took = timed_get(path)
           # on_complete runs after the last byte went out: the answer stands.
           expect(response.status).to eq(callback == "on_complete" ? 200 : 500)
           expect(response.complete).to be(true)
           expect(took).to be < FaultsSpec::QUICK
-          expect(puma.wait_for_log("#{callback} raised #{exception}")).to be(true),
-                                                                         "no log line for #{callback}; log:\n#{puma.log[-3000..]}"
+          line = "callback raised in #{callback} for GET #{url}: #{exception}"
+          expect(puma.wait_for_log(line)).to be(true), "no #{line.inspect} in the log:\n#{puma.log[-3000..]}"
           expect_still_serving
         end
       end
@@ -169,6 +178,32 @@ RSpec.describe "callback faults stay inside their exchange" do
     end
   end
 
+  # Standards: a callback that hangs affects its own exchange only.
+  describe "a callback that hangs" do
+    it "more hung callbacks than callback threads: each exchange fails at callback_timeout, the rest still run" do
+      before = stats_of(puma)
+      reported = puma.log.scan("past callback_timeout").size
+      hung = FaultsSpec::CALLBACK_THREADS + 1
+      started = monotonic
+      answers = Array.new(hung) { Thread.new { get("/faults/on_headers/hang", read_timeout: 20) } }.map(&:value)
+      expect(answers.map(&:status)).to all(eq(500))
+      expect(monotonic - started).to be < FaultsSpec::CALLBACK_TIMEOUT + FaultsSpec::QUICK
+      expect(puma.wait_for_log("on_headers did not answer within #{FaultsSpec::CALLBACK_TIMEOUT}s")).to be(true)
+      # Each hung thread gave its slot away (one log line each); the job
+      # queued behind them was dropped unrun once its exchange had failed.
+      deadline = monotonic + 10
+      sleep 0.05 while puma.log.scan("past callback_timeout").size < reported + FaultsSpec::CALLBACK_THREADS &&
+                       monotonic < deadline
+      expect(puma.log.scan("past callback_timeout").size).to eq(reported + FaultsSpec::CALLBACK_THREADS)
+      expect_still_serving
+      after = stats_of(puma)
+      expect(after["callback_threads_alive"]).to eq(FaultsSpec::CALLBACK_THREADS)
+      expect(after["callback_threads_stuck"] - before["callback_threads_stuck"]).to eq(FaultsSpec::CALLBACK_THREADS)
+      expect(after["callback_jobs_expired"] - before["callback_jobs_expired"]).to eq(hung - FaultsSpec::CALLBACK_THREADS)
+      expect(puma.log[/past callback_timeout.*?\n(?:  .*\n)+/]).to include("app/controllers/faults_controller.rb")
+    end
+  end
+
   describe "on_error gets what the callback raised (item 3)" do
     def report(fault, **query)
       response = get("/faults/report?#{URI.encode_www_form(query.merge(fault: fault))}")
@@ -188,8 +223,9 @@ RSpec.describe "callback faults stay inside their exchange" do
       )
       expect(error["cause_backtrace"].first).to include("app/controllers/faults_controller.rb:")
       # The log line carries the backtrace and the cause.
-      expect(puma.wait_for_log("on_headers raised FaultsController::Boom: boom from on_headers for GET")).to be(true)
-      entry = puma.log[/on_headers raised FaultsController::Boom.*?caused by ArgumentError: the inner reason/m]
+      expect(puma.wait_for_log("callback raised in on_headers for GET #{@origin.url}/echo: " \
+                               "FaultsController::Boom: boom from on_headers")).to be(true)
+      entry = puma.log[/callback raised in on_headers[^\n]*FaultsController::Boom.*?caused by ArgumentError: the inner reason/m]
       expect(entry).not_to be_nil
       expect(entry).to match(%r{^\s+\S*app/controllers/faults_controller\.rb:\d+:in `raise_with_cause'}m)
     end
@@ -234,7 +270,8 @@ RSpec.describe "callback faults stay inside their exchange" do
         expect(data).to start_with("HTTP/1.1 500 ")
         expect(data.scan(%r{HTTP/1\.[01] \d{3}}).size).to eq(1), data
         expect(data).not_to match(%r{HTTP/1\.1 1\d\d})
-        expect(puma.wait_for_log("on_headers raised ArgumentError: status must be a final HTTP status (200..599), " \
+        expect(puma.wait_for_log("callback raised in on_headers for GET #{@origin.url}/echo: " \
+                                 "ArgumentError: status must be a final HTTP status (200..599), " \
                                  "got #{status}")).to be(true)
       end
     end

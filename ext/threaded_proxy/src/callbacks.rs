@@ -201,6 +201,13 @@ pub struct CallbackJob {
 }
 
 impl CallbackJob {
+    /// True when the exchange no longer waits for this job's reply (it
+    /// timed out or ended while the job was queued): running the user's
+    /// callback now would only occupy a callback thread for nothing.
+    pub fn is_stale(&self) -> bool {
+        self.reply.as_ref().is_some_and(|tx| tx.is_closed())
+    }
+
     /// Sends the reply, if the job wants one and the exchange still waits.
     pub fn reply(&mut self, reply: CallbackReply) -> bool {
         match self.reply.take() {
@@ -386,6 +393,36 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("did not answer"), "{err}");
+    }
+
+    #[test]
+    fn a_job_whose_exchange_stopped_waiting_is_stale() {
+        let bridge = CallbackBridge::new(Duration::from_secs(30));
+        let head = ResponseHead {
+            status: 200,
+            reason: None,
+            headers: vec![],
+        };
+        let rx = bridge
+            .request(1, CallbackEvent::Headers(head.clone()), None, "http://x")
+            .unwrap();
+        let _kept = bridge
+            .request(2, CallbackEvent::Headers(head), None, "http://x")
+            .unwrap();
+        bridge.notify(
+            3,
+            CallbackEvent::Error(ErrorReport::from(&ProxyError::Internal {
+                message: String::new(),
+            })),
+        );
+        drop(rx);
+        let flag = AtomicBool::new(false);
+        let stale = bridge.queue.pop_wait(&flag, None).unwrap();
+        let live = bridge.queue.pop_wait(&flag, None).unwrap();
+        let notice = bridge.queue.pop_wait(&flag, None).unwrap();
+        assert!(stale.is_stale());
+        assert!(!live.is_stale());
+        assert!(!notice.is_stale(), "a job without a reply is never stale");
     }
 
     #[tokio::test]

@@ -16,6 +16,9 @@ pub struct Stats {
     /// Bytes clients sent through tunnels.
     pub bytes_from_client: AtomicU64,
     pub callbacks_run: AtomicU64,
+    /// Callback jobs dropped unrun: their exchange had stopped waiting
+    /// (callback_timeout passed while they were queued behind busy threads).
+    pub callback_jobs_expired: AtomicU64,
     /// Body bytes moved origin → client by splice(2) (also counted in both
     /// byte counters above).
     pub bytes_spliced: AtomicU64,
@@ -45,6 +48,10 @@ impl Stats {
                 self.bytes_from_client.load(Relaxed),
             ),
             ("callbacks_run".to_owned(), self.callbacks_run.load(Relaxed)),
+            (
+                "callback_jobs_expired".to_owned(),
+                self.callback_jobs_expired.load(Relaxed),
+            ),
             ("bytes_spliced".to_owned(), self.bytes_spliced.load(Relaxed)),
         ];
         let mut total = 0;

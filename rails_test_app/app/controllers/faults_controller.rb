@@ -8,7 +8,7 @@ require "json"
 #
 #   GET /faults/:callback/:fault   callback: on_headers | on_response |
 #       on_error | on_complete; fault: exit | abort | interrupt | stack |
-#       kill | raise | sigterm. Proxies ORIGIN_URL + ?path= (default /echo), or
+#       kill | raise | hang | sigterm. Proxies ORIGIN_URL + ?path= (default /echo), or
 #       ?origin= (a closed port makes on_error run).
 #   GET /faults/report?fault=...   on_headers fails with ?fault= (raise: a
 #       FaultsController::Boom caused by an ArgumentError; exit; kill;
@@ -77,6 +77,7 @@ class FaultsController < ApplicationController
     when "stack" then recurse(0)
     when "kill" then Thread.current.kill
     when "raise" then raise_with_cause
+    when "hang" then sleep 3600 # far past callback_timeout
     when "sigterm" then Process.kill("TERM", Process.pid) # a real signal: Puma must stop
     else raise ArgumentError, "unknown fault #{fault}"
     end

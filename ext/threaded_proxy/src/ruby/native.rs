@@ -110,16 +110,25 @@ fn start_exchange(ruby: &Ruby, fd: i32, spec: RHash) -> Result<(), Error> {
 }
 
 /// The next callback job, waited for with the GVL released; nil when
-/// interrupted, timed out or shut down.
+/// interrupted, timed out or shut down. Jobs whose exchange stopped waiting
+/// are dropped unrun (counted in `callback_jobs_expired`).
 fn next_job(ruby: &Ruby, timeout: Option<f64>) -> Result<Option<Job>, Error> {
     guard(|| {
         let proxy = runtime::current().map_err(|e| errors::raise(ruby, &e))?;
         let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
         let interrupted = AtomicBool::new(false);
         let queue = &proxy.callbacks.queue;
+        let expired = &proxy.stats.callback_jobs_expired;
         let job = nogvl(
             ruby,
-            || queue.pop_wait(&interrupted, deadline),
+            || loop {
+                match queue.pop_wait(&interrupted, deadline) {
+                    Some(job) if job.is_stale() => {
+                        expired.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    other => break other,
+                }
+            },
             || queue.interrupt(&interrupted),
         )?;
         Ok(job.map(Job::from_callback))
