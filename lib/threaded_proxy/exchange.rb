@@ -39,9 +39,18 @@ module ThreadedProxy
 
     private
 
+    # Refused before Rust took the socket (a limit, or no descriptor left to
+    # duplicate it): the client still gets a complete answer, 503 with
+    # Retry-After, and the socket is closed at once. Rust counted and logged it.
+    OVERLOADED = "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n" \
+                 "x-threaded-proxy-error: overload\r\nretry-after: 1\r\ncontent-length: 24\r\n" \
+                 "connection: close\r\n\r\n503 Service Unavailable\n"
+
     def start_on_socket(io, spec)
       begin
         Native.start_exchange(io.fileno, spec.merge(id: register))
+      rescue OverloadError
+        io.write(OVERLOADED) rescue nil # rubocop:disable Style/RescueModifier
       rescue StandardError
         io.write("HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n") rescue nil # rubocop:disable Style/RescueModifier
         raise

@@ -32,6 +32,10 @@ pub struct Settings {
     pub max_connections: usize,
     /// Concurrent exchanges per origin (scheme, host, port).
     pub max_connections_per_origin: usize,
+    /// File descriptors running exchanges may hold together (see
+    /// `limits`); past it new ones answer 503 and bodies are copied
+    /// rather than spliced.
+    pub fd_budget: usize,
 }
 
 impl Default for Settings {
@@ -43,6 +47,7 @@ impl Default for Settings {
             pool_max_idle_per_host: 64,
             max_connections: 8192,
             max_connections_per_origin: 8192,
+            fd_budget: crate::limits::default_fd_budget(crate::limits::soft_fd_limit()),
         }
     }
 }
@@ -61,9 +66,11 @@ pub fn settings() -> Settings {
 /// Stores settings; limits apply at once, the rest to the next runtime built.
 pub fn configure(settings: Settings) {
     if let Some(proxy) = existing() {
-        proxy
-            .limits
-            .resize(settings.max_connections, settings.max_connections_per_origin);
+        proxy.limits.resize(
+            settings.max_connections,
+            settings.max_connections_per_origin,
+            settings.fd_budget,
+        );
     }
     *SETTINGS.lock().unwrap_or_else(|e| e.into_inner()) = Some(settings);
 }
@@ -103,7 +110,11 @@ impl Proxy {
             callbacks: CallbackBridge::new(settings.callback_timeout),
             upstream: Upstream::new(settings.pool_idle_timeout, settings.pool_max_idle_per_host),
             stats: Stats::default(),
-            limits: Limits::new(settings.max_connections, settings.max_connections_per_origin),
+            limits: Limits::new(
+                settings.max_connections,
+                settings.max_connections_per_origin,
+                settings.fd_budget,
+            ),
             tracker: Tracker::default(),
             accepting: AtomicBool::new(true),
             cancel: watch::channel(false).0,

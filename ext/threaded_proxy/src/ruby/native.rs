@@ -50,10 +50,13 @@ fn start_exchange(ruby: &Ruby, fd: i32, spec: RHash) -> Result<(), Error> {
         let body = match opt::<i32>(ruby, spec, "body_fd")? {
             Some(body_fd) => {
                 let owned = handoff::duplicate(body_fd).map_err(|e| {
-                    Error::new(
-                        ruby.exception_io_error(),
-                        format!("cannot duplicate body fd: {e}"),
-                    )
+                    if let (true, Ok(proxy)) =
+                        (crate::limits::out_of_fds(e.raw_os_error()), runtime::current())
+                    {
+                        let id = key(ruby, spec, "id").unwrap_or(0);
+                        exchange::refused(proxy, id, &method, &url, &fd_overload(&url, "body", &e));
+                    }
+                    dup_failed(ruby, &url, "body", &e)
                 })?;
                 BodySource::File {
                     file: std::fs::File::from(owned),
@@ -97,16 +100,52 @@ fn start_exchange(ruby: &Ruby, fd: i32, spec: RHash) -> Result<(), Error> {
                 None => None,
             },
         };
-        let client = handoff::duplicate(fd).map_err(|e| {
-            Error::new(
-                ruby.exception_io_error(),
-                format!("cannot duplicate client fd {fd}: {e}"),
-            )
-        })?;
         let proxy = runtime::current().map_err(|e| errors::raise(ruby, &e))?;
-        exchange::start(proxy, spec, client);
+        // Admission before the duplicate: a refused exchange holds no
+        // descriptor, and Ruby answers 503 on the socket and closes it at
+        // once. With on_error the exchange runs and lets it answer.
+        let permit = match exchange::admit(proxy, &spec) {
+            Ok(permit) => Some(permit),
+            Err(_) if spec.callbacks.on_error => None,
+            Err(err) => {
+                exchange::refused(proxy, spec.id, &spec.method, &spec.url, &err);
+                return Err(errors::raise(ruby, &err));
+            }
+        };
+        let client = match handoff::duplicate(fd) {
+            Ok(client) => client,
+            Err(e) => {
+                let err = dup_failed(ruby, &spec.url, "client", &e);
+                if crate::limits::out_of_fds(e.raw_os_error()) {
+                    let overload = fd_overload(&spec.url, "client", &e);
+                    exchange::refused(proxy, spec.id, &spec.method, &spec.url, &overload);
+                }
+                return Err(err);
+            }
+        };
+        exchange::start(proxy, spec, client, permit);
         Ok(())
     })
+}
+
+fn fd_overload(url: &str, what: &str, e: &std::io::Error) -> crate::errors::ProxyError {
+    crate::errors::ProxyError::Overload {
+        url: url.to_owned(),
+        message: format!("out of file descriptors: cannot duplicate the {what} fd: {e}"),
+    }
+}
+
+/// A failed `dup` of a descriptor Ruby handed over: out of descriptors is
+/// an overload (`OverloadError`, answered 503 with Retry-After); anything
+/// else (a closed descriptor) is a bug of the caller (IOError).
+fn dup_failed(ruby: &Ruby, url: &str, what: &str, e: &std::io::Error) -> Error {
+    if crate::limits::out_of_fds(e.raw_os_error()) {
+        return errors::raise(ruby, &fd_overload(url, what, e));
+    }
+    Error::new(
+        ruby.exception_io_error(),
+        format!("cannot duplicate {what} fd: {e}"),
+    )
 }
 
 /// The next callback job, waited for with the GVL released; nil when
@@ -145,6 +184,7 @@ fn configure(ruby: &Ruby, options: RHash) -> Result<(), Error> {
             max_connections: opt(ruby, options, "max_connections")?.unwrap_or(defaults.max_connections),
             max_connections_per_origin: opt(ruby, options, "max_connections_per_origin")?
                 .unwrap_or(defaults.max_connections_per_origin),
+            fd_budget: opt(ruby, options, "fd_budget")?.unwrap_or(defaults.fd_budget),
         };
         runtime::configure(settings);
         Ok(())
