@@ -22,6 +22,11 @@ module ThreadedProxy
                   :shutdown_timeout, :max_buffered_body, :allowed_hosts,
                   :pool_idle_timeout, :pool_max_idle_per_host, :logger
 
+    # ThreadedProxy::Metrics: the origin hosts ("host" or "host:port") whose
+    # latency histograms get their own host label; any other origin is
+    # "other", so URLs built from user input cannot multiply the series.
+    attr_accessor :metrics_hosts
+
     # proxy_async (deferred delivery): the queue, either an SQLite file
     # (async_queue_path, shared by the processes of a machine) or, when
     # async_queue_url is set, a PostgreSQL database ("postgres://…", shared
@@ -52,6 +57,7 @@ module ThreadedProxy
       @pool_idle_timeout = 60.0
       @pool_max_idle_per_host = 64
       @logger = nil
+      @metrics_hosts = []
       @async_queue_path = "tmp/threaded_proxy_queue.sqlite3"
       @async_queue_url = nil
       @async_concurrency = 8
@@ -71,6 +77,7 @@ module ThreadedProxy
         max_connections: Integer(max_connections),
         max_connections_per_origin: Integer(max_connections_per_origin),
         fd_budget: Integer(fd_budget),
+        metrics_hosts: Array(metrics_hosts).map(&:to_s),
         runtime_threads: Integer(runtime_threads),
         callback_timeout: Float(callback_timeout),
         pool_idle_timeout: Float(pool_idle_timeout),
@@ -90,6 +97,10 @@ module ThreadedProxy
       end
       { connect_timeout:, header_timeout:, idle_timeout:, callback_timeout:, shutdown_timeout: }.each do |name, value|
         raise ArgumentError, "#{name} must be a positive number" unless value.is_a?(Numeric) && value.positive?
+      end
+      unless metrics_hosts.nil? || metrics_hosts.is_a?(String) ||
+             (metrics_hosts.is_a?(Array) && metrics_hosts.all? { |h| h.is_a?(String) || h.is_a?(Symbol) })
+        raise ArgumentError, "metrics_hosts must be an Array of host names"
       end
       return if allowed_hosts.nil? || allowed_hosts.is_a?(Array)
 

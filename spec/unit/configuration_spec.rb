@@ -19,6 +19,9 @@ RSpec.describe ThreadedProxy::Configuration do
     configuration.fd_budget = 0
     expect { configuration.apply! }.to raise_error(ArgumentError, /fd_budget/)
     configuration.fd_budget = 100
+    configuration.metrics_hosts = [1]
+    expect { configuration.apply! }.to raise_error(ArgumentError, /metrics_hosts/)
+    configuration.metrics_hosts = ["files.internal"]
     configuration.idle_timeout = -1
     expect { configuration.apply! }.to raise_error(ArgumentError, /idle_timeout/)
     configuration.idle_timeout = 5

@@ -98,11 +98,20 @@ impl ExchangeSpec {
 /// Time the client gets to close its side after a clean finish.
 const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
-/// Starts the exchange on the proxy's runtime and returns at once. `permit`
-/// is the admission taken before the client's descriptor was duplicated;
-/// without one the exchange asks for it itself (and answers 503 through
-/// `on_error` when refused).
-pub fn start(proxy: &'static Proxy, spec: ExchangeSpec, client: OwnedFd, permit: Option<Permit<'static>>) {
+/// Starts the exchange on the proxy's runtime and returns at once; it asks
+/// for admission itself (and answers 503, or lets on_error, when refused).
+pub fn start(proxy: &'static Proxy, spec: ExchangeSpec, client: OwnedFd) {
+    start_admitted(proxy, spec, client, None);
+}
+
+/// [`start`] with the admission taken before the client's descriptor was
+/// duplicated (see [`admit`]); None asks for it in the exchange.
+pub fn start_admitted(
+    proxy: &'static Proxy,
+    spec: ExchangeSpec,
+    client: OwnedFd,
+    permit: Option<Permit<'static>>,
+) {
     proxy.stats.started.fetch_add(1, Relaxed);
     proxy.stats.active.fetch_add(1, Relaxed);
     proxy.runtime.spawn(run(proxy, spec, client, permit));
@@ -189,6 +198,7 @@ async fn run(proxy: &'static Proxy, spec: ExchangeSpec, client: OwnedFd, permit:
                 total_time: started.elapsed(),
                 error: Some(ErrorReport::from(&ProxyError::client(&e))),
             };
+            proxy.metrics.observe(&summary.url, None, summary.total_time);
             Some((spec.id, spec.callbacks.finished, summary))
         }
     };
@@ -277,6 +287,9 @@ where
         total_time: started.elapsed(),
         error: result.err().map(|e| ErrorReport::from(&e)),
     };
+    proxy
+        .metrics
+        .observe(&summary.url, summary.time_to_first_byte, summary.total_time);
     // Reported before the drain: the last byte is already out, and
     // on_complete should not wait for a client that is slow to close.
     report(proxy, spec.id, spec.callbacks.finished, summary);

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use crate::callbacks::CallbackBridge;
 use crate::errors::ProxyError;
 use crate::limits::Limits;
+use crate::metrics::Metrics;
 use crate::stats::Stats;
 use crate::upstream::Upstream;
 
@@ -36,6 +37,9 @@ pub struct Settings {
     /// `limits`); past it new ones answer 503 and bodies are copied
     /// rather than spliced.
     pub fd_budget: usize,
+    /// Origin hosts (`host` or `host:port`) that get their own label in the
+    /// latency histograms; every other is "other".
+    pub metrics_hosts: Vec<String>,
 }
 
 impl Default for Settings {
@@ -48,6 +52,7 @@ impl Default for Settings {
             max_connections: 8192,
             max_connections_per_origin: 8192,
             fd_budget: crate::limits::default_fd_budget(crate::limits::soft_fd_limit()),
+            metrics_hosts: Vec::new(),
         }
     }
 }
@@ -71,6 +76,7 @@ pub fn configure(settings: Settings) {
             settings.max_connections_per_origin,
             settings.fd_budget,
         );
+        proxy.metrics.set_hosts(settings.metrics_hosts.clone());
     }
     *SETTINGS.lock().unwrap_or_else(|e| e.into_inner()) = Some(settings);
 }
@@ -83,6 +89,7 @@ pub struct Proxy {
     pub upstream: Upstream,
     pub stats: Stats,
     pub limits: Limits,
+    pub metrics: Metrics,
     pub tracker: Tracker,
     /// Cleared by shutdown: new exchanges are refused with 503.
     accepting: AtomicBool,
@@ -115,6 +122,7 @@ impl Proxy {
                 settings.max_connections_per_origin,
                 settings.fd_budget,
             ),
+            metrics: Metrics::new(settings.metrics_hosts.clone()),
             tracker: Tracker::default(),
             accepting: AtomicBool::new(true),
             cancel: watch::channel(false).0,

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use magnus::value::ReprValue;
-use magnus::{Error, RHash, Ruby, Symbol, TryConvert, Value};
+use magnus::{Error, Float, Integer, RArray, RHash, Ruby, Symbol, TryConvert, Value};
 
 use super::errors;
 use super::job::{parse_headers, Job};
@@ -14,6 +14,7 @@ use super::nogvl::{self, guard, nogvl};
 use crate::exchange::{self, CallbackSet, ExchangeSpec, Timeouts, TunnelTarget};
 use crate::handoff;
 use crate::headers::ClientRequest;
+use crate::metrics::{Metrics, Value as Metric};
 use crate::runtime::{self, Settings};
 use crate::upstream::{BodySource, TlsSettings};
 
@@ -123,7 +124,7 @@ fn start_exchange(ruby: &Ruby, fd: i32, spec: RHash) -> Result<(), Error> {
                 return Err(err);
             }
         };
-        exchange::start(proxy, spec, client, permit);
+        exchange::start_admitted(proxy, spec, client, permit);
         Ok(())
     })
 }
@@ -185,6 +186,7 @@ fn configure(ruby: &Ruby, options: RHash) -> Result<(), Error> {
             max_connections_per_origin: opt(ruby, options, "max_connections_per_origin")?
                 .unwrap_or(defaults.max_connections_per_origin),
             fd_budget: opt(ruby, options, "fd_budget")?.unwrap_or(defaults.fd_budget),
+            metrics_hosts: opt(ruby, options, "metrics_hosts")?.unwrap_or(defaults.metrics_hosts),
         };
         runtime::configure(settings);
         Ok(())
@@ -208,6 +210,34 @@ fn stats(ruby: &Ruby) -> Result<RHash, Error> {
         )?;
     }
     Ok(hash)
+}
+
+/// The Prometheus text of `values` (`[[name, Integer or Float], …]`: the
+/// stats Ruby gathered) and this process's latency histograms.
+fn metrics_text(ruby: &Ruby, values: RArray) -> Result<String, Error> {
+    guard(|| {
+        let mut pairs = Vec::with_capacity(values.len());
+        for pair in values.into_iter() {
+            let (name, value): (String, Value) = TryConvert::try_convert(pair)?;
+            let value = if let Some(int) = Integer::from_value(value) {
+                Metric::Int(int.to_i64().unwrap_or(i64::MAX))
+            } else if let Some(float) = Float::from_value(value) {
+                Metric::Float(float.to_f64())
+            } else if value.is_nil() {
+                continue;
+            } else {
+                return Err(errors::argument_error(
+                    ruby,
+                    format!("metric {name} is not a number"),
+                ));
+            };
+            pairs.push((name, value));
+        }
+        Ok(match runtime::existing() {
+            Some(proxy) => proxy.metrics.render(proxy.pid, &pairs),
+            None => Metrics::new(Vec::new()).render(std::process::id(), &pairs),
+        })
+    })
 }
 
 /// Refuses new exchanges (they answer 503) from now on.
@@ -265,6 +295,7 @@ pub fn define(ruby: &Ruby, native: &magnus::RModule) -> Result<(), Error> {
     native.define_module_function("next_job", function!(next_job, 1))?;
     native.define_module_function("configure", function!(configure, 1))?;
     native.define_module_function("stats", function!(stats, 0))?;
+    native.define_module_function("metrics_text", function!(metrics_text, 1))?;
     native.define_module_function("stop_accepting", function!(stop_accepting, 0))?;
     native.define_module_function("wait_idle", function!(wait_idle, 1))?;
     native.define_module_function("cut", function!(cut, 0))?;
