@@ -63,9 +63,16 @@ module ThreadedProxy
     # Servers without hijack (rack-test, WEBrick, Puma over TLS): Rust writes
     # the response into a socket pair and the request thread streams it out.
     def start_in_request_thread(spec)
-      ours, theirs = UNIXSocket.pair(:STREAM)
+      begin
+        ours, theirs = UNIXSocket.pair(:STREAM)
+      rescue Errno::EMFILE, Errno::ENFILE
+        return overloaded(spec)
+      end
       begin
         Native.start_exchange(theirs.fileno, spec.merge(id: register, client_http10: false))
+      rescue OverloadError
+        ours.close
+        return overloaded(spec)
       rescue StandardError
         ours.close
         raise
@@ -73,6 +80,27 @@ module ThreadedProxy
         theirs.close
       end
       ResponseReader.new(ours, head_only: spec[:client_head]).rack_response
+    end
+
+    # The body of a refused exchange in the request thread; closable like
+    # the streaming body a started one returns.
+    class RefusedBody
+      def initialize(chunks)
+        @chunks = chunks
+      end
+
+      def each(&block)
+        @chunks.each(&block)
+      end
+
+      def close; end
+    end
+
+    # The Rack form of OVERLOADED (an exchange refused before it started).
+    def overloaded(spec)
+      [503, { "content-type" => "text/plain; charset=utf-8", "x-threaded-proxy-error" => "overload",
+              "retry-after" => "1", "content-length" => "24" },
+       RefusedBody.new(spec[:client_head] ? [] : ["503 Service Unavailable\n"])]
     end
 
     # An id under which the dispatcher keeps this exchange's callbacks; 0
