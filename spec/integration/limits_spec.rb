@@ -1,6 +1,9 @@
 # frozen_string_literal: true
 
 require "socket"
+require "json"
+require "rack/mock"
+require "threaded_proxy"
 
 RSpec.describe "limits and stats" do
   before(:all) do
@@ -188,5 +191,47 @@ RSpec.describe "admission at the file-descriptor limit" do
     expect(RawHTTP.request("#{@puma.url}/proxy/bytes?n=#{SPLICED_BODY}").status).to eq(200)
     expect(RawHTTP.request("#{@puma.url}/inline").status).to eq(200)
     expect(@puma.log.scan("Too many open files").size).to be < 10, @puma.log.lines.last(20).join
+  end
+end
+
+# The last resort of item 10: the process has no descriptor left when the
+# action hands the socket over. Rust cannot duplicate it; the client must
+# still get 503 with Retry-After (not 500 and an IOError in the action).
+RSpec.describe "a hand-over with no descriptor left" do
+  before(:all) { @origin = OriginServer.new.start }
+  after(:all) { @origin&.stop }
+
+  it "answers 503 + Retry-After on the socket and the action returns normally" do
+    reader, writer = IO.pipe
+    pid = fork do
+      reader.close
+      ThreadedProxy.start # runtime and callback threads before the table is full
+      ours, theirs = UNIXSocket.pair(:STREAM)
+      env = Rack::MockRequest.env_for("/x").merge("rack.hijack?" => true, "rack.hijack" => -> { theirs })
+      soft, hard = Process.getrlimit(:NOFILE)
+      Process.setrlimit(:NOFILE, [soft, 4096].min, hard)
+      fillers = []
+      loop { fillers << File.open(File::NULL) }
+    rescue Errno::EMFILE
+      outcome = begin
+        ThreadedProxy.call(env, "#{@origin.url}/bytes?n=10")
+        "returned"
+      rescue Exception => e # rubocop:disable Lint/RescueException
+        "#{e.class}: #{e.message}"
+      end
+      fillers.each(&:close)
+      answer = ours.read
+      writer.write(JSON.generate([outcome, answer, theirs.closed?]))
+      writer.close
+      exit!(0)
+    end
+    writer.close
+    outcome, answer, closed = JSON.parse(reader.read)
+    Process.wait(pid)
+    expect(outcome).to eq("returned")
+    expect(answer).to start_with("HTTP/1.1 503 Service Unavailable\r\n")
+    expect(answer).to include("retry-after: 1\r\n")
+    expect(answer).to end_with("\r\n\r\n503 Service Unavailable\n")
+    expect(closed).to be(true)
   end
 end

@@ -1091,6 +1091,22 @@ mod tests {
     }
 
     #[test]
+    fn out_of_descriptors_at_the_origin_is_an_overload_not_a_bad_gateway() {
+        let emfile = fds_exhausted(ProxyError::Connect {
+            url: "http://a.test/".into(),
+            message: "Too many open files".into(),
+            errno: Some(libc::EMFILE),
+        });
+        assert_eq!((emfile.status(), emfile.url()), (503, Some("http://a.test/")));
+        let refused = fds_exhausted(ProxyError::Connect {
+            url: "u".into(),
+            message: "refused".into(),
+            errno: Some(libc::ECONNREFUSED),
+        });
+        assert_eq!(refused.status(), 502);
+    }
+
+    #[test]
     fn default_answers_map_kinds_to_statuses() {
         let overload = default_answer(&ProxyError::Overload {
             url: "u".into(),
