@@ -113,6 +113,9 @@ RSpec.describe "admission at the file-descriptor limit" do
   HOLD = 4 # seconds each exchange stays open at the origin
 
   before(:all) do
+    # This process holds the 700 client sockets and the origin's ends.
+    soft, hard = Process.getrlimit(:NOFILE)
+    Process.setrlimit(:NOFILE, [hard, 4096].min, hard) if soft < 4096
     @origin = OriginServer.new.start
     @puma = PumaServer.new(env: { "ORIGIN_URL" => @origin.url }, threads: "4:4", nofile: 1024).start
   end

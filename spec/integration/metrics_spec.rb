@@ -1,5 +1,8 @@
 # frozen_string_literal: true
 
+require "tmpdir"
+require "fileutils"
+
 # ThreadedProxy::Metrics (issue 15 item 14), mounted at /metrics in
 # rails_test_app, scraped from real Puma after real proxied exchanges.
 RSpec.describe "ThreadedProxy::Metrics (Prometheus exposition)" do
@@ -37,7 +40,9 @@ RSpec.describe "ThreadedProxy::Metrics (Prometheus exposition)" do
       @puma = PumaServer.new(
         env: { "ORIGIN_URL" => @origin.url, "ORIGIN2_URL" => @origin2.url,
                # Only the first origin is listed: the second is "other".
-               "THREADED_PROXY_METRICS_HOSTS" => "#{host_of(@origin.url)}," },
+               "THREADED_PROXY_METRICS_HOSTS" => "#{host_of(@origin.url)},",
+               # Deferred delivery runs here: its queue stats are exposed too.
+               "ASYNC_QUEUE_PATH" => File.join(@queue_dir = Dir.mktmpdir("metrics-queue"), "queue.sqlite3") },
         threads: "2:2"
       ).start
     end
@@ -46,6 +51,7 @@ RSpec.describe "ThreadedProxy::Metrics (Prometheus exposition)" do
       @puma&.stop
       @origin&.stop
       @origin2&.stop
+      FileUtils.rm_rf(@queue_dir) if @queue_dir
     end
 
     it "exposes every stats counter, gauges, and per-host histograms with the pid label" do
@@ -66,6 +72,10 @@ RSpec.describe "ThreadedProxy::Metrics (Prometheus exposition)" do
       expect(types["threaded_proxy_failed_connect"]).to eq("counter")
       expect(types["threaded_proxy_active"]).to eq("gauge")
       expect(types["threaded_proxy_callbacks_queued"]).to eq("gauge")
+      expect(types["threaded_proxy_async_queued"]).to eq("gauge") # the queue depth
+      expect(types["threaded_proxy_async_in_flight"]).to eq("gauge")
+      expect(types["threaded_proxy_async_delivered"]).to eq("counter")
+      expect(value(samples, "threaded_proxy_async_queued")).to eq(0)
       expect(value(samples, "threaded_proxy_completed_total")).to be >= 6
       expect(value(samples, "threaded_proxy_active")).to eq(0)
       expect(value(samples, "threaded_proxy_bytes_from_origin_total")).to be >= 3000
