@@ -105,12 +105,16 @@ fn start_exchange(ruby: &Ruby, fd: i32, spec: RHash) -> Result<(), Error> {
         // Admission before the duplicate: a refused exchange holds no
         // descriptor, and Ruby answers 503 on the socket and closes it at
         // once. With on_error the exchange runs and lets it answer.
-        let permit = match exchange::admit(proxy, &spec) {
-            Ok(permit) => Some(permit),
-            Err(_) if spec.callbacks.on_error => None,
-            Err(err) => {
-                exchange::refused(proxy, spec.id, &spec.method, &spec.url, &err);
-                return Err(errors::raise(ruby, &err));
+        // (It asks for admission itself then, counted once.)
+        let permit = if spec.callbacks.on_error {
+            None
+        } else {
+            match exchange::admit(proxy, &spec) {
+                Ok(permit) => Some(permit),
+                Err(err) => {
+                    exchange::refused(proxy, spec.id, &spec.method, &spec.url, &err);
+                    return Err(errors::raise(ruby, &err));
+                }
             }
         };
         let client = match handoff::duplicate(fd) {
