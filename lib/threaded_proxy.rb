@@ -14,6 +14,7 @@ require_relative "threaded_proxy/dispatcher"
 require_relative "threaded_proxy/response_reader"
 require_relative "threaded_proxy/exchange"
 require_relative "threaded_proxy/async"
+require_relative "threaded_proxy/metrics"
 require_relative "threaded_proxy/rack"
 require_relative "threaded_proxy/controller"
 require_relative "threaded_proxy/railtie" if defined?(Rails::Railtie)

@@ -4,15 +4,28 @@ module ThreadedProxy
   # Process-wide settings. Timeouts are defaults for each proxy_fetch call;
   # limits and thread counts apply to the whole process.
   class Configuration
-    # Two descriptors per exchange (client and origin), and some left over
-    # for the app itself: the default cap keeps a worker from running out.
+    # Descriptors kept out of fd_budget for the app server and the app
+    # (listeners, logs, sockets accepted but not handed over yet, idle
+    # pooled origin connections): RESERVED_FDS plus an eighth of the soft
+    # limit. Same rule as ext/threaded_proxy/src/limits.rs reserved_fds.
     RESERVED_FDS = 256
+    # A copied exchange holds two descriptors (client, origin); a spliced
+    # one five, which the budget accounts for per exchange.
+    FDS_PER_EXCHANGE = 2
 
-    attr_accessor :max_connections, :max_connections_per_origin,
+    # fd_budget: the file descriptors running exchanges may hold together
+    # (a spliced body counts five, a copied one two); past it new exchanges
+    # answer 503 and bodies are copied instead of spliced.
+    attr_accessor :max_connections, :max_connections_per_origin, :fd_budget,
                   :connect_timeout, :header_timeout, :idle_timeout,
                   :callback_threads, :runtime_threads, :callback_timeout,
                   :shutdown_timeout, :max_buffered_body, :allowed_hosts,
                   :pool_idle_timeout, :pool_max_idle_per_host, :logger
+
+    # ThreadedProxy::Metrics: the origin hosts ("host" or "host:port") whose
+    # latency histograms get their own host label; any other origin is
+    # "other", so URLs built from user input cannot multiply the series.
+    attr_accessor :metrics_hosts
 
     # proxy_async (deferred delivery): the queue, either an SQLite file
     # (async_queue_path, shared by the processes of a machine) or, when
@@ -29,7 +42,8 @@ module ThreadedProxy
                   :async_retry_on
 
     def initialize
-      @max_connections = default_max_connections
+      @fd_budget = default_fd_budget
+      @max_connections = [@fd_budget / FDS_PER_EXCHANGE, 16].max
       @max_connections_per_origin = @max_connections
       @connect_timeout = 5.0
       @header_timeout = 60.0
@@ -43,6 +57,7 @@ module ThreadedProxy
       @pool_idle_timeout = 60.0
       @pool_max_idle_per_host = 64
       @logger = nil
+      @metrics_hosts = []
       @async_queue_path = "tmp/threaded_proxy_queue.sqlite3"
       @async_queue_url = nil
       @async_concurrency = 8
@@ -61,6 +76,8 @@ module ThreadedProxy
       Native.configure(
         max_connections: Integer(max_connections),
         max_connections_per_origin: Integer(max_connections_per_origin),
+        fd_budget: Integer(fd_budget),
+        metrics_hosts: Array(metrics_hosts).map(&:to_s),
         runtime_threads: Integer(runtime_threads),
         callback_timeout: Float(callback_timeout),
         pool_idle_timeout: Float(pool_idle_timeout),
@@ -75,22 +92,26 @@ module ThreadedProxy
     private
 
     def validate!
-      { max_connections:, max_connections_per_origin:, callback_threads: }.each do |name, value|
+      { max_connections:, max_connections_per_origin:, fd_budget:, callback_threads: }.each do |name, value|
         raise ArgumentError, "#{name} must be a positive Integer" unless value.is_a?(Integer) && value.positive?
       end
       { connect_timeout:, header_timeout:, idle_timeout:, callback_timeout:, shutdown_timeout: }.each do |name, value|
         raise ArgumentError, "#{name} must be a positive number" unless value.is_a?(Numeric) && value.positive?
+      end
+      unless metrics_hosts.nil? || metrics_hosts.is_a?(String) ||
+             (metrics_hosts.is_a?(Array) && metrics_hosts.all? { |h| h.is_a?(String) || h.is_a?(Symbol) })
+        raise ArgumentError, "metrics_hosts must be an Array of host names"
       end
       return if allowed_hosts.nil? || allowed_hosts.is_a?(Array)
 
       raise ArgumentError, "allowed_hosts must be nil or an Array of Strings and Regexps"
     end
 
-    def default_max_connections
+    def default_fd_budget
       soft, = Process.getrlimit(:NOFILE)
-      [(soft - RESERVED_FDS) / 2, 16].max
+      [soft - RESERVED_FDS - (soft / 8), 32].max
     rescue StandardError
-      512
+      1024
     end
   end
 end

@@ -39,9 +39,18 @@ module ThreadedProxy
 
     private
 
+    # Refused before Rust took the socket (a limit, or no descriptor left to
+    # duplicate it): the client still gets a complete answer, 503 with
+    # Retry-After, and the socket is closed at once. Rust counted and logged it.
+    OVERLOADED = "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n" \
+                 "x-threaded-proxy-error: overload\r\nretry-after: 1\r\ncontent-length: 24\r\n" \
+                 "connection: close\r\n\r\n503 Service Unavailable\n"
+
     def start_on_socket(io, spec)
       begin
         Native.start_exchange(io.fileno, spec.merge(id: register))
+      rescue OverloadError
+        io.write(OVERLOADED) rescue nil # rubocop:disable Style/RescueModifier
       rescue StandardError
         io.write("HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n") rescue nil # rubocop:disable Style/RescueModifier
         raise
@@ -54,9 +63,16 @@ module ThreadedProxy
     # Servers without hijack (rack-test, WEBrick, Puma over TLS): Rust writes
     # the response into a socket pair and the request thread streams it out.
     def start_in_request_thread(spec)
-      ours, theirs = UNIXSocket.pair(:STREAM)
+      begin
+        ours, theirs = UNIXSocket.pair(:STREAM)
+      rescue Errno::EMFILE, Errno::ENFILE
+        return overloaded(spec)
+      end
       begin
         Native.start_exchange(theirs.fileno, spec.merge(id: register, client_http10: false))
+      rescue OverloadError
+        ours.close
+        return overloaded(spec)
       rescue StandardError
         ours.close
         raise
@@ -64,6 +80,27 @@ module ThreadedProxy
         theirs.close
       end
       ResponseReader.new(ours, head_only: spec[:client_head]).rack_response
+    end
+
+    # The body of a refused exchange in the request thread; closable like
+    # the streaming body a started one returns.
+    class RefusedBody
+      def initialize(chunks)
+        @chunks = chunks
+      end
+
+      def each(&block)
+        @chunks.each(&block)
+      end
+
+      def close; end
+    end
+
+    # The Rack form of OVERLOADED (an exchange refused before it started).
+    def overloaded(spec)
+      [503, { "content-type" => "text/plain; charset=utf-8", "x-threaded-proxy-error" => "overload",
+              "retry-after" => "1", "content-length" => "24" },
+       RefusedBody.new(spec[:client_head] ? [] : ["503 Service Unavailable\n"])]
     end
 
     # An id under which the dispatcher keeps this exchange's callbacks; 0

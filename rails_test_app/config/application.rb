@@ -34,7 +34,7 @@ module RailsTestApp
       if value.include?(",") then value.split(",").map(&setting_value)
       elsif value.include?("..") then Range.new(*value.split("..", 2).map { |bound| Integer(bound) })
       elsif value.match?(/\A\d+\z/) then Integer(value)
-      else Float(value)
+      else Float(value, exception: false) || value # a host name
       end
     end
     ENV.each do |name, value|

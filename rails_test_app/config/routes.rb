@@ -15,6 +15,7 @@ Rails.application.routes.draw do
   match "/pid_proxy/*path", to: "proxy#with_pid", via: :all, format: false
   match "/proxy2/*path", to: "proxy#second_origin", via: :all, format: false
   get "/stats", to: "proxy#stats"
+  mount ThreadedProxy::Metrics, at: "/metrics"
   get "/edge_login", to: "proxy#edge_login" # the cookie lib/edge_routes.rb checks
   match "/tunnel/:port", to: "proxy#tunnel", via: %i[get connect]
 

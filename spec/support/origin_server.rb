@@ -838,10 +838,21 @@ class OriginServer
 
   # -------------------------------------------------------------------- routes
 
+  # ?n=bytes; ?pause=seconds waits (watching the peer) after the first half
+  # of the body, so a proxied body stays in flight that long.
   def route_bytes(conn, q, head, keep)
     n = [int_param(q, "n", 1024), 0].max
+    pause = float_param(q, "pause", 0.0)
     write_head(conn, 200, "OK", [["Content-Type", "application/octet-stream"], ["Content-Length", n.to_s]], keep)
-    write_pattern(conn, 0, n) unless head
+    return keep if head
+
+    if pause.positive?
+      write_pattern(conn, 0, n / 2)
+      wait_watching_peer(conn, pause)
+      write_pattern(conn, n / 2, n - (n / 2))
+    else
+      write_pattern(conn, 0, n)
+    end
     keep
   end
 

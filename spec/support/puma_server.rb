@@ -44,10 +44,11 @@ class PumaServer
   # env: extra variables for Puma (a nil value unsets one), e.g. ORIGIN_URL.
   # threads: "min:max"; workers > 0 selects cluster mode; preload: preload_app!.
   # rackup: another config.ru to serve (a plain Rack app) instead of the
-  # Rails app.
+  # Rails app. nofile: the soft and hard RLIMIT_NOFILE Puma runs under.
   def initialize(env: {}, threads: "1:1", workers: 0, preload: false, rails_env: "test",
-                 boot_timeout: BOOT_TIMEOUT, rackup: File.join(APP_DIR, "config.ru"))
+                 boot_timeout: BOOT_TIMEOUT, rackup: File.join(APP_DIR, "config.ru"), nofile: nil)
     @rackup = rackup
+    @nofile = nofile
     @env = env.transform_keys(&:to_s).transform_values { |v| v&.to_s }
     @threads = threads.to_s
     @workers = Integer(workers)
@@ -66,8 +67,9 @@ class PumaServer
     @port = FreePort.take
     FileUtils.mkdir_p(LOG_DIR)
     @log_path = File.join(LOG_DIR, "puma-#{Process.pid}-#{self.class.next_id}-#{@port}.log")
+    limits = @nofile ? { rlimit_nofile: @nofile } : {}
     @pid = Process.spawn(child_env, *command, chdir: APP_DIR, in: File::NULL,
-                                              %i[out err] => [@log_path, "w"], pgroup: true)
+                                              %i[out err] => [@log_path, "w"], pgroup: true, **limits)
     self.class.running << self
     wait_until_booted
     self

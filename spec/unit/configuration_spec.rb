@@ -5,16 +5,23 @@ require "threaded_proxy"
 RSpec.describe ThreadedProxy::Configuration do
   subject(:configuration) { described_class.new }
 
-  it "sizes max_connections to the file-descriptor limit (two per exchange)" do
+  it "sizes fd_budget and max_connections to the file-descriptor limit, leaving room for the app server" do
     soft, = Process.getrlimit(:NOFILE)
-    expect(configuration.max_connections).to eq([(soft - described_class::RESERVED_FDS) / 2, 16].max)
-    expect(configuration.max_connections * 2).to be < soft
+    expect(configuration.fd_budget).to eq([soft - described_class::RESERVED_FDS - (soft / 8), 32].max)
+    expect(configuration.max_connections).to eq([configuration.fd_budget / 2, 16].max)
+    expect(configuration.max_connections * 2).to be <= soft - described_class::RESERVED_FDS - (soft / 8)
   end
 
   it "refuses nonsense before it reaches Rust" do
     configuration.max_connections = 0
     expect { configuration.apply! }.to raise_error(ArgumentError, /max_connections/)
     configuration.max_connections = 10
+    configuration.fd_budget = 0
+    expect { configuration.apply! }.to raise_error(ArgumentError, /fd_budget/)
+    configuration.fd_budget = 100
+    configuration.metrics_hosts = [1]
+    expect { configuration.apply! }.to raise_error(ArgumentError, /metrics_hosts/)
+    configuration.metrics_hosts = ["files.internal"]
     configuration.idle_timeout = -1
     expect { configuration.apply! }.to raise_error(ArgumentError, /idle_timeout/)
     configuration.idle_timeout = 5

@@ -26,6 +26,7 @@ use crate::errors::{ErrorReport, ProxyError};
 use crate::handoff::{self, ClientSocket};
 use crate::headers::{self, ClientRequest, Framing, HeaderList};
 use crate::http1_origin::{self, PlainBody};
+use crate::limits::{self, Permit};
 use crate::relay::{self, ClientWriter};
 use crate::runtime::Proxy;
 use crate::splice;
@@ -97,14 +98,74 @@ impl ExchangeSpec {
 /// Time the client gets to close its side after a clean finish.
 const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
-/// Starts the exchange on the proxy's runtime and returns at once.
+/// Starts the exchange on the proxy's runtime and returns at once; it asks
+/// for admission itself (and answers 503, or lets on_error, when refused).
 pub fn start(proxy: &'static Proxy, spec: ExchangeSpec, client: OwnedFd) {
-    proxy.stats.started.fetch_add(1, Relaxed);
-    proxy.stats.active.fetch_add(1, Relaxed);
-    proxy.runtime.spawn(run(proxy, spec, client));
+    start_admitted(proxy, spec, client, None);
 }
 
-async fn run(proxy: &'static Proxy, spec: ExchangeSpec, client: OwnedFd) {
+/// [`start`] with the admission taken before the client's descriptor was
+/// duplicated (see [`admit`]); None asks for it in the exchange.
+pub fn start_admitted(
+    proxy: &'static Proxy,
+    spec: ExchangeSpec,
+    client: OwnedFd,
+    permit: Option<Permit<'static>>,
+) {
+    proxy.stats.started.fetch_add(1, Relaxed);
+    proxy.stats.active.fetch_add(1, Relaxed);
+    proxy.runtime.spawn(run(proxy, spec, client, permit));
+}
+
+/// Descriptors the exchange holds from its start: the client's duplicate,
+/// the origin socket, and a request body file if it streams one.
+pub fn exchange_fds(spec: &ExchangeSpec) -> usize {
+    limits::EXCHANGE_FDS + usize::from(matches!(spec.body, BodySource::File { .. }))
+}
+
+/// Admission for an exchange that has not started: a permit, or the
+/// overload error to answer with.
+pub fn admit(proxy: &'static Proxy, spec: &ExchangeSpec) -> Result<Permit<'static>, ProxyError> {
+    if !proxy.accepting() {
+        return Err(ProxyError::Overload {
+            url: spec.url.clone(),
+            message: "shutting down".to_owned(),
+        });
+    }
+    proxy
+        .limits
+        .try_acquire(&origin_key(&spec.url), exchange_fds(spec))
+        .map_err(|message| {
+            proxy.stats.rejected.fetch_add(1, Relaxed);
+            ProxyError::Overload {
+                url: spec.url.clone(),
+                message: message.to_owned(),
+            }
+        })
+}
+
+/// Counts an exchange refused before it started (the caller answers the
+/// client with 503 itself, holding no descriptor for it) and tells Ruby,
+/// which logs it and forgets the exchange's callbacks.
+pub fn refused(proxy: &'static Proxy, id: u64, method: &Method, url: &str, err: &ProxyError) {
+    proxy.stats.started.fetch_add(1, Relaxed);
+    proxy.stats.active.fetch_add(1, Relaxed);
+    let summary = Summary {
+        method: method.to_string(),
+        url: url.to_owned(),
+        status: Some(err.status()),
+        head: None,
+        bytes_from_origin: 0,
+        bytes_to_client: 0,
+        bytes_from_client: 0,
+        time_to_first_byte: None,
+        total_time: Duration::ZERO,
+        error: Some(ErrorReport::from(err)),
+    };
+    report(proxy, id, false, summary);
+}
+
+async fn run(proxy: &'static Proxy, spec: ExchangeSpec, client: OwnedFd, permit: Option<Permit<'static>>) {
     let _tracked = proxy.tracker.enter();
     let started = Instant::now();
     let outcome = match handoff::adopt(client) {
@@ -116,11 +177,11 @@ async fn run(proxy: &'static Proxy, spec: ExchangeSpec, client: OwnedFd) {
                 // The socket closes (with RST when aborted) when `s` drops.
                 ClientSocket::Tcp(mut s) => {
                     let (rd, wr) = s.split();
-                    drive(proxy, spec, rd, wr, raw_fd, started).await
+                    drive(proxy, spec, permit, rd, wr, raw_fd, started).await
                 }
                 ClientSocket::Unix(mut s) => {
                     let (rd, wr) = s.split();
-                    drive(proxy, spec, rd, wr, raw_fd, started).await
+                    drive(proxy, spec, permit, rd, wr, raw_fd, started).await
                 }
             }
         }
@@ -137,6 +198,7 @@ async fn run(proxy: &'static Proxy, spec: ExchangeSpec, client: OwnedFd) {
                 total_time: started.elapsed(),
                 error: Some(ErrorReport::from(&ProxyError::client(&e))),
             };
+            proxy.metrics.observe(&summary.url, None, summary.total_time);
             Some((spec.id, spec.callbacks.finished, summary))
         }
     };
@@ -169,6 +231,7 @@ fn report(proxy: &'static Proxy, id: u64, notify: bool, summary: Summary) {
 async fn drive<R, W>(
     proxy: &'static Proxy,
     spec: ExchangeSpec,
+    permit: Option<Permit<'static>>,
     rd: R,
     wr: W,
     raw_fd: RawFd,
@@ -191,6 +254,7 @@ where
         client_reader: None,
         tunnel_counts: TunnelCounts::default(),
         client_fd: raw_fd,
+        permit,
     };
     // A tunnel reads the client itself; anything else watches it for EOF.
     let mut watched = if exchange.spec.tunnels() {
@@ -223,6 +287,9 @@ where
         total_time: started.elapsed(),
         error: result.err().map(|e| ErrorReport::from(&e)),
     };
+    proxy
+        .metrics
+        .observe(&summary.url, summary.time_to_first_byte, summary.total_time);
     // Reported before the drain: the last byte is already out, and
     // on_complete should not wait for a client that is slow to close.
     report(proxy, spec.id, spec.callbacks.finished, summary);
@@ -262,6 +329,8 @@ struct Exchange<R, W> {
     tunnel_counts: TunnelCounts,
     /// The client socket's descriptor, for splicing a body into it.
     client_fd: RawFd,
+    /// This exchange's admission (caps and descriptors), held to its end.
+    permit: Option<Permit<'static>>,
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
@@ -290,26 +359,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
 
     async fn fetch_and_relay(&mut self) -> Result<(), ProxyError> {
         let proxy = self.proxy;
-        if !proxy.accepting() {
-            return Err(ProxyError::Overload {
-                url: self.spec.url.clone(),
-                message: "shutting down".to_owned(),
-            });
+        if self.permit.is_none() || !proxy.accepting() {
+            self.permit = Some(admit(proxy, &self.spec)?);
         }
-        let _permit = match proxy.limits.try_acquire(&origin_key(&self.spec.url)) {
-            Ok(permit) => permit,
-            Err(message) => {
-                proxy.stats.rejected.fetch_add(1, Relaxed);
-                return Err(ProxyError::Overload {
-                    url: self.spec.url.clone(),
-                    message: message.to_owned(),
-                });
-            }
-        };
         if let Some(target) = self.spec.tunnel.clone() {
             return self.raw_tunnel(target).await;
         }
-        let (status, reason, origin_headers, body) = self.send_request().await?;
+        let (status, reason, origin_headers, body) = self.send_request().await.map_err(fds_exhausted)?;
         self.time_to_first_byte = Some(self.started.elapsed());
         let body = match body {
             OriginResponse::Switching(response) => return self.switch_protocols(response).await,
@@ -420,11 +476,21 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
     ) -> Result<(), ProxyError> {
         let framing = headers::framing(head.status, self.spec.client, body_length);
         let spliceable = matches!((framing, body_length), (Framing::Length(n), Some(m)) if n == m && n >= splice::MIN_BODY);
-        let splicer = if spliceable {
+        // A splice needs three more descriptors: copied instead when the
+        // budget has not got them (or the kernel refuses the pipe).
+        let reserved = spliceable
+            && self
+                .permit
+                .as_mut()
+                .is_some_and(|p| p.reserve_more(limits::SPLICE_FDS));
+        let splicer = if reserved {
             splice::Splicer::new(self.client_fd).ok()
         } else {
             None
         };
+        if reserved && splicer.is_none() {
+            self.release_splice_fds();
+        }
         let Some(splicer) = splicer else {
             return self
                 .relay_origin(head, OriginBody::Plain(body), body_length, head_length)
@@ -461,6 +527,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         self.bytes_from_origin += spliced;
         self.writer.add_body_written(spliced);
         drop(splicer);
+        self.release_splice_fds();
         copied.map_err(|end| end.into_error(&self.spec.url, self.spec.timeouts.idle))?;
         body.spliced_to_end();
         self.finish().await
@@ -592,6 +659,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
                 message,
                 errno: None,
             }),
+        }
+    }
+
+    fn release_splice_fds(&mut self) {
+        if let Some(permit) = self.permit.as_mut() {
+            permit.release(limits::SPLICE_FDS);
         }
     }
 
@@ -955,6 +1028,18 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
     }
 }
 
+/// No descriptor left for the origin socket: an overload of this process
+/// (503 with Retry-After), not a fault of the origin (502).
+fn fds_exhausted(err: ProxyError) -> ProxyError {
+    if !limits::out_of_fds(err.errno()) {
+        return err;
+    }
+    ProxyError::Overload {
+        url: err.url().unwrap_or_default().to_owned(),
+        message: format!("out of file descriptors: {err}"),
+    }
+}
+
 /// The plain answer for an error nobody rendered.
 pub fn default_answer(err: &ProxyError) -> Rendered {
     let status = err.status();
@@ -1003,6 +1088,22 @@ mod tests {
         assert_eq!(origin_key("http://a.test/x?y"), "http://a.test:80");
         assert_eq!(origin_key("https://a.test/"), "https://a.test:443");
         assert_eq!(origin_key("http://127.0.0.1:9000/p"), "http://127.0.0.1:9000");
+    }
+
+    #[test]
+    fn out_of_descriptors_at_the_origin_is_an_overload_not_a_bad_gateway() {
+        let emfile = fds_exhausted(ProxyError::Connect {
+            url: "http://a.test/".into(),
+            message: "Too many open files".into(),
+            errno: Some(libc::EMFILE),
+        });
+        assert_eq!((emfile.status(), emfile.url()), (503, Some("http://a.test/")));
+        let refused = fds_exhausted(ProxyError::Connect {
+            url: "u".into(),
+            message: "refused".into(),
+            errno: Some(libc::ECONNREFUSED),
+        });
+        assert_eq!(refused.status(), 502);
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //! - `delivery`: `proxy_async`: the durable queue (SQLite) and its background worker.
 //! - `runtime`: the per-process runtime, rebuilt after fork; settings.
 //! - `limits`, `stats`, `errors`: admission caps, counters, the error type.
+//! - `metrics`: the Prometheus text exposition and latency histograms.
 //! - `ruby` (feature `ruby`): the magnus bindings, the only Ruby-aware code.
 
 pub mod callbacks;
@@ -29,6 +30,7 @@ pub mod handoff;
 pub mod headers;
 pub mod http1_origin;
 pub mod limits;
+pub mod metrics;
 pub mod relay;
 pub mod runtime;
 pub mod splice;

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use crate::callbacks::CallbackBridge;
 use crate::errors::ProxyError;
 use crate::limits::Limits;
+use crate::metrics::Metrics;
 use crate::stats::Stats;
 use crate::upstream::Upstream;
 
@@ -32,6 +33,13 @@ pub struct Settings {
     pub max_connections: usize,
     /// Concurrent exchanges per origin (scheme, host, port).
     pub max_connections_per_origin: usize,
+    /// File descriptors running exchanges may hold together (see
+    /// `limits`); past it new ones answer 503 and bodies are copied
+    /// rather than spliced.
+    pub fd_budget: usize,
+    /// Origin hosts (`host` or `host:port`) that get their own label in the
+    /// latency histograms; every other is "other".
+    pub metrics_hosts: Vec<String>,
 }
 
 impl Default for Settings {
@@ -43,6 +51,8 @@ impl Default for Settings {
             pool_max_idle_per_host: 64,
             max_connections: 8192,
             max_connections_per_origin: 8192,
+            fd_budget: crate::limits::default_fd_budget(crate::limits::soft_fd_limit()),
+            metrics_hosts: Vec::new(),
         }
     }
 }
@@ -61,9 +71,12 @@ pub fn settings() -> Settings {
 /// Stores settings; limits apply at once, the rest to the next runtime built.
 pub fn configure(settings: Settings) {
     if let Some(proxy) = existing() {
-        proxy
-            .limits
-            .resize(settings.max_connections, settings.max_connections_per_origin);
+        proxy.limits.resize(
+            settings.max_connections,
+            settings.max_connections_per_origin,
+            settings.fd_budget,
+        );
+        proxy.metrics.set_hosts(settings.metrics_hosts.clone());
     }
     *SETTINGS.lock().unwrap_or_else(|e| e.into_inner()) = Some(settings);
 }
@@ -76,6 +89,7 @@ pub struct Proxy {
     pub upstream: Upstream,
     pub stats: Stats,
     pub limits: Limits,
+    pub metrics: Metrics,
     pub tracker: Tracker,
     /// Cleared by shutdown: new exchanges are refused with 503.
     accepting: AtomicBool,
@@ -103,7 +117,12 @@ impl Proxy {
             callbacks: CallbackBridge::new(settings.callback_timeout),
             upstream: Upstream::new(settings.pool_idle_timeout, settings.pool_max_idle_per_host),
             stats: Stats::default(),
-            limits: Limits::new(settings.max_connections, settings.max_connections_per_origin),
+            limits: Limits::new(
+                settings.max_connections,
+                settings.max_connections_per_origin,
+                settings.fd_budget,
+            ),
+            metrics: Metrics::new(settings.metrics_hosts.clone()),
             tracker: Tracker::default(),
             accepting: AtomicBool::new(true),
             cancel: watch::channel(false).0,

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use magnus::value::ReprValue;
-use magnus::{Error, RHash, Ruby, Symbol, TryConvert, Value};
+use magnus::{Error, Float, Integer, RArray, RHash, Ruby, Symbol, TryConvert, Value};
 
 use super::errors;
 use super::job::{parse_headers, Job};
@@ -14,6 +14,7 @@ use super::nogvl::{self, guard, nogvl};
 use crate::exchange::{self, CallbackSet, ExchangeSpec, Timeouts, TunnelTarget};
 use crate::handoff;
 use crate::headers::ClientRequest;
+use crate::metrics::{Metrics, Value as Metric};
 use crate::runtime::{self, Settings};
 use crate::upstream::{BodySource, TlsSettings};
 
@@ -50,10 +51,13 @@ fn start_exchange(ruby: &Ruby, fd: i32, spec: RHash) -> Result<(), Error> {
         let body = match opt::<i32>(ruby, spec, "body_fd")? {
             Some(body_fd) => {
                 let owned = handoff::duplicate(body_fd).map_err(|e| {
-                    Error::new(
-                        ruby.exception_io_error(),
-                        format!("cannot duplicate body fd: {e}"),
-                    )
+                    if let (true, Ok(proxy)) =
+                        (crate::limits::out_of_fds(e.raw_os_error()), runtime::current())
+                    {
+                        let id = key(ruby, spec, "id").unwrap_or(0);
+                        exchange::refused(proxy, id, &method, &url, &fd_overload(&url, "body", &e));
+                    }
+                    dup_failed(ruby, &url, "body", &e)
                 })?;
                 BodySource::File {
                     file: std::fs::File::from(owned),
@@ -97,16 +101,56 @@ fn start_exchange(ruby: &Ruby, fd: i32, spec: RHash) -> Result<(), Error> {
                 None => None,
             },
         };
-        let client = handoff::duplicate(fd).map_err(|e| {
-            Error::new(
-                ruby.exception_io_error(),
-                format!("cannot duplicate client fd {fd}: {e}"),
-            )
-        })?;
         let proxy = runtime::current().map_err(|e| errors::raise(ruby, &e))?;
-        exchange::start(proxy, spec, client);
+        // Admission before the duplicate: a refused exchange holds no
+        // descriptor, and Ruby answers 503 on the socket and closes it at
+        // once. With on_error the exchange runs and lets it answer.
+        // (It asks for admission itself then, counted once.)
+        let permit = if spec.callbacks.on_error {
+            None
+        } else {
+            match exchange::admit(proxy, &spec) {
+                Ok(permit) => Some(permit),
+                Err(err) => {
+                    exchange::refused(proxy, spec.id, &spec.method, &spec.url, &err);
+                    return Err(errors::raise(ruby, &err));
+                }
+            }
+        };
+        let client = match handoff::duplicate(fd) {
+            Ok(client) => client,
+            Err(e) => {
+                let err = dup_failed(ruby, &spec.url, "client", &e);
+                if crate::limits::out_of_fds(e.raw_os_error()) {
+                    let overload = fd_overload(&spec.url, "client", &e);
+                    exchange::refused(proxy, spec.id, &spec.method, &spec.url, &overload);
+                }
+                return Err(err);
+            }
+        };
+        exchange::start_admitted(proxy, spec, client, permit);
         Ok(())
     })
+}
+
+fn fd_overload(url: &str, what: &str, e: &std::io::Error) -> crate::errors::ProxyError {
+    crate::errors::ProxyError::Overload {
+        url: url.to_owned(),
+        message: format!("out of file descriptors: cannot duplicate the {what} fd: {e}"),
+    }
+}
+
+/// A failed `dup` of a descriptor Ruby handed over: out of descriptors is
+/// an overload (`OverloadError`, answered 503 with Retry-After); anything
+/// else (a closed descriptor) is a bug of the caller (IOError).
+fn dup_failed(ruby: &Ruby, url: &str, what: &str, e: &std::io::Error) -> Error {
+    if crate::limits::out_of_fds(e.raw_os_error()) {
+        return errors::raise(ruby, &fd_overload(url, what, e));
+    }
+    Error::new(
+        ruby.exception_io_error(),
+        format!("cannot duplicate {what} fd: {e}"),
+    )
 }
 
 /// The next callback job, waited for with the GVL released; nil when
@@ -154,6 +198,8 @@ fn configure(ruby: &Ruby, options: RHash) -> Result<(), Error> {
             max_connections: opt(ruby, options, "max_connections")?.unwrap_or(defaults.max_connections),
             max_connections_per_origin: opt(ruby, options, "max_connections_per_origin")?
                 .unwrap_or(defaults.max_connections_per_origin),
+            fd_budget: opt(ruby, options, "fd_budget")?.unwrap_or(defaults.fd_budget),
+            metrics_hosts: opt(ruby, options, "metrics_hosts")?.unwrap_or(defaults.metrics_hosts),
         };
         runtime::configure(settings);
         Ok(())
@@ -181,6 +227,34 @@ fn stats(ruby: &Ruby) -> Result<RHash, Error> {
         )?;
     }
     Ok(hash)
+}
+
+/// The Prometheus text of `values` (`[[name, Integer or Float], …]`: the
+/// stats Ruby gathered) and this process's latency histograms.
+fn metrics_text(ruby: &Ruby, values: RArray) -> Result<String, Error> {
+    guard(|| {
+        let mut pairs = Vec::with_capacity(values.len());
+        for pair in values.into_iter() {
+            let (name, value): (String, Value) = TryConvert::try_convert(pair)?;
+            let value = if let Some(int) = Integer::from_value(value) {
+                Metric::Int(int.to_i64().unwrap_or(i64::MAX))
+            } else if let Some(float) = Float::from_value(value) {
+                Metric::Float(float.to_f64())
+            } else if value.is_nil() {
+                continue;
+            } else {
+                return Err(errors::argument_error(
+                    ruby,
+                    format!("metric {name} is not a number"),
+                ));
+            };
+            pairs.push((name, value));
+        }
+        Ok(match runtime::existing() {
+            Some(proxy) => proxy.metrics.render(proxy.pid, &pairs),
+            None => Metrics::new(Vec::new()).render(std::process::id(), &pairs),
+        })
+    })
 }
 
 /// Refuses new exchanges (they answer 503) from now on.
@@ -238,6 +312,7 @@ pub fn define(ruby: &Ruby, native: &magnus::RModule) -> Result<(), Error> {
     native.define_module_function("next_job", function!(next_job, 1))?;
     native.define_module_function("configure", function!(configure, 1))?;
     native.define_module_function("stats", function!(stats, 0))?;
+    native.define_module_function("metrics_text", function!(metrics_text, 1))?;
     native.define_module_function("stop_accepting", function!(stop_accepting, 0))?;
     native.define_module_function("wait_idle", function!(wait_idle, 1))?;
     native.define_module_function("cut", function!(cut, 0))?;
