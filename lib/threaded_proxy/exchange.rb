@@ -56,14 +56,20 @@ module ThreadedProxy
     def start_in_request_thread(spec)
       ours, theirs = UNIXSocket.pair(:STREAM)
       begin
-        Native.start_exchange(theirs.fileno, spec.merge(id: register, client_http10: false))
-      rescue StandardError
-        ours.close
-        raise
+        begin
+          Native.start_exchange(theirs.fileno, spec.merge(id: register, client_http10: false))
+        ensure
+          theirs.close # Rust has its own duplicate; the reader needs the EOF
+        end
+        response = ResponseReader.new(ours, head_only: spec[:client_head]).rack_response
+        handed = true
+        response
       ensure
-        theirs.close
+        # In `ensure`: Timeout's throw (Ruby 3.1) and Thread#raise/kill pass
+        # `rescue StandardError`. Closing our end makes Rust cancel the
+        # origin request at once.
+        ours.close unless handed || ours.closed?
       end
-      ResponseReader.new(ours, head_only: spec[:client_head]).rack_response
     end
 
     # An id under which the dispatcher keeps this exchange's callbacks; 0
