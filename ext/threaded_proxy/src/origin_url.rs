@@ -51,10 +51,10 @@ pub fn check(url: &str, kind: Kind) -> Result<CheckedUrl, String> {
                     .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
         })
         .map(str::to_ascii_lowercase);
-    let scheme_ok = match (kind, scheme.as_deref()) {
-        (Kind::Http, Some("http" | "https")) | (Kind::Tcp, Some("tcp")) => true,
-        _ => false,
-    };
+    let scheme_ok = matches!(
+        (kind, scheme.as_deref()),
+        (Kind::Http, Some("http" | "https")) | (Kind::Tcp, Some("tcp"))
+    );
     if !scheme_ok {
         return Err(format!("{wanted}, got {url:?}"));
     }
