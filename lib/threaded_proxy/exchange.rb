@@ -42,9 +42,13 @@ module ThreadedProxy
     # Refused before Rust took the socket (a limit, or no descriptor left to
     # duplicate it): the client still gets a complete answer, 503 with
     # Retry-After, and the socket is closed at once. Rust counted and logged it.
-    OVERLOADED = "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n" \
-                 "x-threaded-proxy-error: overload\r\nretry-after: 1\r\ncontent-length: 24\r\n" \
-                 "connection: close\r\n\r\n503 Service Unavailable\n"
+    OVERLOAD_BODY = "503 Service Unavailable\n"
+    OVERLOAD_HEADERS = {
+      "content-type" => "text/plain; charset=utf-8", "x-threaded-proxy-error" => "overload",
+      "retry-after" => "1", "content-length" => OVERLOAD_BODY.bytesize.to_s
+    }.freeze
+    OVERLOADED = "HTTP/1.1 503 Service Unavailable\r\n#{OVERLOAD_HEADERS.map { |k, v| "#{k}: #{v}\r\n" }.join}" \
+                 "connection: close\r\n\r\n#{OVERLOAD_BODY}"
 
     def start_on_socket(io, spec)
       begin
@@ -69,17 +73,22 @@ module ThreadedProxy
         return overloaded(spec)
       end
       begin
-        Native.start_exchange(theirs.fileno, spec.merge(id: register, client_http10: false))
-      rescue OverloadError
-        ours.close
-        return overloaded(spec)
-      rescue StandardError
-        ours.close
-        raise
+        begin
+          Native.start_exchange(theirs.fileno, spec.merge(id: register, client_http10: false))
+        rescue OverloadError
+          return overloaded(spec)
+        ensure
+          theirs.close # Rust has its own duplicate; the reader needs the EOF
+        end
+        response = ResponseReader.new(ours, head_only: spec[:client_head]).rack_response
+        handed = true
+        response
       ensure
-        theirs.close
+        # In `ensure`: Timeout's throw (Ruby 3.1) and Thread#raise/kill pass
+        # `rescue StandardError`. Closing our end makes Rust cancel the
+        # origin request at once.
+        ours.close unless handed || ours.closed?
       end
-      ResponseReader.new(ours, head_only: spec[:client_head]).rack_response
     end
 
     # The body of a refused exchange in the request thread; closable like
@@ -98,9 +107,7 @@ module ThreadedProxy
 
     # The Rack form of OVERLOADED (an exchange refused before it started).
     def overloaded(spec)
-      [503, { "content-type" => "text/plain; charset=utf-8", "x-threaded-proxy-error" => "overload",
-              "retry-after" => "1", "content-length" => "24" },
-       RefusedBody.new(spec[:client_head] ? [] : ["503 Service Unavailable\n"])]
+      [503, OVERLOAD_HEADERS.dup, RefusedBody.new(spec[:client_head] ? [] : [OVERLOAD_BODY])]
     end
 
     # An id under which the dispatcher keeps this exchange's callbacks; 0

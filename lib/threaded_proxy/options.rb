@@ -16,7 +16,7 @@ module ThreadedProxy
     FORBIDDEN_BYTES = /[\r\n\0]/.freeze
     TOKEN = /\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\z/.freeze
 
-    attr_reader :url, :uri, :method, :headers, :body, :forward_headers, :connect_timeout,
+    attr_reader :url, :host, :method, :headers, :body, :forward_headers, :connect_timeout,
                 :header_timeout, :idle_timeout, :verify_tls, :ca_file, :max_buffered_body
 
     def initialize(url, options, configuration = ThreadedProxy.configuration)
@@ -26,7 +26,7 @@ module ThreadedProxy
       unknown = options.keys - KNOWN
       raise ArgumentError, "unknown option#{"s" if unknown.size > 1} #{unknown.map(&:inspect).join(", ")} (known: #{KNOWN.join(", ")})" if unknown.any?
 
-      @url, @uri = check_url(url, configuration.allowed_hosts)
+      @url, @host = check_url(url, configuration.allowed_hosts)
       @method = check_method(options.fetch(:method, :get))
       @headers = check_headers(options.fetch(:headers, {}), "headers")
       @body = check_body(options[:body])
@@ -39,6 +39,11 @@ module ThreadedProxy
       @max_buffered_body = check_size(options.fetch(:max_buffered_body, configuration.max_buffered_body))
     end
 
+    # The canonical URL as a URI (for callers of the former reader).
+    def uri
+      URI.parse(@url)
+    end
+
     # Raises InvalidHeaderError unless name and value are safe on the wire.
     def self.check_header!(name, value)
       name = name.to_s
@@ -48,23 +53,21 @@ module ThreadedProxy
 
     private
 
+    # The URL is judged by the Rust parser the request will use (one
+    # parser decides: Ruby's URI accepts URLs Rust refuses and reads some
+    # differently); it returns the canonical URL and the host it connects
+    # to, which allowed_hosts is matched against.
     def check_url(url, allowed_hosts)
       raise ArgumentError, "url must be a String, got #{url.class}" unless url.is_a?(String) || url.is_a?(URI::Generic)
 
       url = url.to_s
-      begin
-        uri = URI.parse(url)
-      rescue URI::InvalidURIError => e
-        raise ArgumentError, "malformed url #{url.inspect}: #{e.message}"
-      end
-      unless %w[http https].include?(uri.scheme&.downcase)
-        raise ArgumentError, "url must be http:// or https://, got #{url.inspect}"
-      end
-      raise ArgumentError, "url has no host: #{url.inspect}" if uri.host.nil? || uri.host.empty?
-      raise ArgumentError, "url must not carry user info: #{uri.host}" if uri.userinfo
+      # Non-ASCII (or invalid) bytes never reach the parser as a String it
+      # cannot take.
+      raise ArgumentError, "malformed url #{url.inspect}: not ASCII (percent-encode it)" unless url.ascii_only?
 
-      check_allowed_host(uri.host, allowed_hosts) if allowed_hosts
-      [url, uri]
+      url, host, = Native.check_url(url, false)
+      check_allowed_host(host, allowed_hosts) if allowed_hosts
+      [url, host]
     end
 
     def check_allowed_host(host, allowed_hosts)

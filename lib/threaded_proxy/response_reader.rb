@@ -24,10 +24,15 @@ module ThreadedProxy
         key = name.downcase
         rack_headers[key] = rack_headers.key?(key) ? "#{rack_headers[key]}\n#{value}" : value
       end
-      [status, rack_headers, Body.new(self, body_framing(status, headers))]
-    rescue StandardError
-      @socket.close
-      raise
+      response = [status, rack_headers, Body.new(self, body_framing(status, headers))]
+      handed = true
+      response
+    ensure
+      # Any way out without a body to hand over closes the socket: an
+      # error, but also Timeout's throw (Ruby 3.1) or Thread#raise/kill,
+      # which `rescue StandardError` never sees. Rust sees the close and
+      # cancels the origin request.
+      close unless handed
     end
 
     # Streams the body in its framing; raises when it was cut short, so the
@@ -76,7 +81,7 @@ module ThreadedProxy
       until (split = @buffer.index("\r\n\r\n"))
         raise UpstreamError, "response head too large" if @buffer.bytesize > MAX_HEAD
 
-        data = @socket.readpartial(CHUNK) rescue nil # rubocop:disable Style/RescueModifier
+        data = read_more
         raise UpstreamError, "the proxy closed before sending a response head" unless data
 
         @buffer << data
@@ -121,13 +126,22 @@ module ThreadedProxy
 
     def read_line
       until (i = @buffer.index("\r\n"))
-        data = @socket.readpartial(CHUNK) rescue nil # rubocop:disable Style/RescueModifier
+        data = read_more
         raise UpstreamError, "response body cut short" unless data
 
         @buffer << data
       end
       line = @buffer.slice!(0, i + 2)
       line.chomp("\r\n")
+    end
+
+    # More bytes from the socket, nil at its end. Only the socket's own end
+    # is rescued: the caller's exceptions (a Timeout class of its own,
+    # Thread#raise) go through unchanged.
+    def read_more
+      @socket.readpartial(CHUNK)
+    rescue EOFError, Errno::ECONNRESET
+      nil
     end
 
     def read_some(max)

@@ -1,7 +1,5 @@
 # frozen_string_literal: true
 
-require "uri"
-
 module ThreadedProxy
   # Checks proxy_tunnel's arguments: a tcp://host:port target (subject to
   # allowed_hosts like any URL) and the few options a tunnel has.
@@ -34,17 +32,15 @@ module ThreadedProxy
 
     private
 
+    # Judged by the Rust parser, like proxy_fetch's URL: "tcp://host:port"
+    # with a port of 1 to 65535, nothing after it.
     def check_target(target, configuration)
-      uri = URI.parse(target.to_s)
-      unless uri.scheme == "tcp" && uri.host && uri.port && (uri.path.nil? || uri.path.empty?)
-        raise ArgumentError, "proxy_tunnel target must look like tcp://host:port, got #{target.inspect}"
-      end
+      target = target.to_s
+      raise ArgumentError, "malformed proxy_tunnel target #{target.inspect}: not ASCII" unless target.ascii_only?
 
-      Options.check_allowed_host!(uri.host, configuration.allowed_hosts) if configuration.allowed_hosts
-      host = uri.host.include?(":") ? "[#{uri.host.delete_prefix("[").delete_suffix("]")}]" : uri.host
-      ["tcp://#{host}:#{uri.port}", "#{host}:#{uri.port}"]
-    rescue URI::InvalidURIError => e
-      raise ArgumentError, "malformed proxy_tunnel target #{target.inspect}: #{e.message}"
+      url, host, address = Native.check_url(target, true)
+      Options.check_allowed_host!(host, configuration.allowed_hosts) if configuration.allowed_hosts
+      [url, address]
     end
 
     def seconds(options, name, default)

@@ -27,6 +27,7 @@ Rails.application.routes.draw do
       match name.to_s, action: name, via: :all
     end
     match "reverse/*path", action: :reverse, via: :all
+    match "fetch_rescued", action: :fetch_rescued, via: :all
   end
   # end contract specs
 

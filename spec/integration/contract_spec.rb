@@ -456,6 +456,28 @@ RSpec.describe "threaded-proxy contract (DESIGN.md)" do
         expect_rails_error_page(call(:fetch, url: "http://exa mple.test/%%x"), "malformed url")
       end
 
+      # Issue 15 item 11: each was taken by Ruby's URI and failed after the
+      # hijack (a bare 500 the action could not rescue), or went to port 80.
+      it "a URL the Rust parser refuses, an out-of-range port or a bad host: the action rescues it" do
+        before = origin.request_count
+        ["http://127.0.0.1:#{origin.port}/echo?a=1 2", "http://127%2e0%2e0%2e1:#{origin.port}/echo",
+         "http://127.0.0.1:74326/echo", "http://127..0.0.1:#{origin.port}/echo"].each do |url|
+          response = call(:fetch_rescued, url: url)
+          expect(response.status).to eq(422), "#{url}: #{response.status} #{response.body.to_s[0, 200]}"
+          expect(response.body).to start_with("own page: ")
+          expect(response.complete).to be(true)
+        end
+        expect(origin.request_count).to eq(before)
+        expect_rails_error_page(call(:fetch, url: "http://127.0.0.1:74326/echo"), "invalid port")
+      end
+
+      it "a URL without a path asks the origin for /" do
+        tag = SecureRandom.hex(4)
+        response = call(:fetch, url: "http://127.0.0.1:#{origin.port}?no-path=#{tag}")
+        expect(response.status).to eq(404) # the origin's answer for "/"
+        expect(origin.requests.map { |r| r[:path] }).to include("/?no-path=#{tag}")
+      end
+
       it "a non-http(s) scheme" do
         expect_rails_error_page(call(:fetch, url: "ftp://127.0.0.1:#{origin.port}/echo"), "http:// or https://")
         expect_rails_error_page(call(:fetch, url: "file:///etc/passwd"), "http:// or https://")

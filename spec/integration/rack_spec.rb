@@ -3,6 +3,7 @@
 require "rack/test"
 require "rack/builder"
 require "threaded_proxy"
+require "timeout"
 
 RSpec.describe "ThreadedProxy without Rails" do
   before(:all) { @origin = OriginServer.new.start }
@@ -92,6 +93,92 @@ RSpec.describe "ThreadedProxy without Rails" do
       expect(status).to eq(200)
       expect { body.each { |_chunk| nil } }.to raise_error(ThreadedProxy::UpstreamError, /cut short/)
       body.close
+    end
+  end
+
+  # Issue 15 item 12: the caller interrupts ThreadedProxy.call while it waits
+  # for the head (no hijack: rack-test, Puma over TLS). The socket pair must
+  # close in `ensure` (Ruby 3.1's Timeout unwinds with throw, past `rescue`),
+  # which cancels the origin request; the caller's own exception comes back
+  # unchanged.
+  describe "interrupted without hijack" do
+    custom_timeout = Class.new(StandardError)
+    stop = Class.new(StandardError)
+
+    def open_fds
+      Dir.children("/proc/self/fd").size
+    end
+
+    # Polls with a bound: nothing signals an fd count.
+    def eventually(within: 5)
+      deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + within
+      until (value = yield)
+        return value if Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
+
+        sleep 0.01
+      end
+      value
+    end
+
+    def hang_env
+      Rack::MockRequest.env_for("/x")
+    end
+
+    # The origin's /hang keeps the request open until its peer closes; a
+    # long header_timeout so only the cleanup can close it in time.
+    def expect_cleaned_up(fds_before, closed_before)
+      expect(origin.wait_for_closed(closed_before + 1, timeout: 5)).to be(true), "the origin connection stayed open"
+      expect(ThreadedProxy::Native.wait_idle(5)).to be(true)
+      expect(ThreadedProxy.stats[:active]).to eq(0)
+      expect(eventually { open_fds <= fds_before }).to be(true), "fds #{open_fds} > #{fds_before} before the call"
+    end
+
+    def hang_url = "#{origin.url}/hang"
+
+    around do |example|
+      ThreadedProxy.ensure_configured
+      # Warm up: the runtime, the dispatcher and their fds exist before
+      # the count is taken.
+      ThreadedProxy.call(hang_env, "#{origin.url}/bytes?n=10")[2].tap { |b| b.each { nil } }.close
+      example.run
+    end
+
+    it "Timeout.timeout closes the socket pair, cancels the origin request and frees the slot" do
+      fds = open_fds
+      closed = origin.peer_closed_count
+      started = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+      expect do
+        Timeout.timeout(0.5) { ThreadedProxy.call(hang_env, hang_url, header_timeout: 60) }
+      end.to raise_error(Timeout::Error)
+      expect_cleaned_up(fds, closed)
+      expect(Process.clock_gettime(Process::CLOCK_MONOTONIC) - started).to be < 5
+    end
+
+    it "a Timeout class of the caller's own propagates unchanged, not as UpstreamError" do
+      fds = open_fds
+      closed = origin.peer_closed_count
+      expect do
+        Timeout.timeout(0.5, custom_timeout) { ThreadedProxy.call(hang_env, hang_url, header_timeout: 60) }
+      end.to raise_error(custom_timeout)
+      expect_cleaned_up(fds, closed)
+    end
+
+    it "Thread#raise propagates unchanged and cleans up" do
+      fds = open_fds
+      closed = origin.peer_closed_count
+      requests = origin.request_count
+      # The thread hands back what ThreadedProxy.call raised (a thread dying
+      # of it would re-raise it in the main thread: abort_on_exception).
+      thread = Thread.new do
+        ThreadedProxy.call(hang_env, hang_url, header_timeout: 60)
+      rescue Exception => e # rubocop:disable Lint/RescueException
+        e
+      end
+      expect(origin.wait_for_requests(requests + 1)).to be(true)
+      thread.raise(stop, "stop waiting")
+      raised = thread.value
+      expect([raised.class, raised.message]).to eq([stop, "stop waiting"])
+      expect_cleaned_up(fds, closed)
     end
   end
 end

@@ -1,6 +1,7 @@
 # frozen_string_literal: true
 
 require "threaded_proxy"
+require "stringio"
 
 # What ThreadedProxy::Async hands to Rust when deferred delivery starts:
 # the queue's location and checked numbers (nothing here starts delivery).
@@ -45,5 +46,18 @@ RSpec.describe "ThreadedProxy::Async.settings" do
     config.async_success = 200..299
     config.async_retry_on = 500..700
     expect { ThreadedProxy::Async.settings }.to raise_error(ArgumentError, /async_retry_on: 500\.\.700 is not within/)
+  end
+end
+
+# Issue 15 item 11: proxy_async's URL is judged like proxy_fetch's (the Rust
+# parser), in the action, before the queue is opened.
+RSpec.describe "ThreadedProxy::Async.enqueue URL checks" do
+  it "refuses what the request's parser refuses before the queue is opened" do
+    running = ThreadedProxy::Native.async_running?
+    env = { "REQUEST_METHOD" => "POST", "rack.input" => StringIO.new("") }
+    ["http://127.0.0.1:74326/hook", "http://127%2e0%2e0%2e1/hook", "http://h/x?a=1 2", "http://a..b/hook"].each do |url|
+      expect { ThreadedProxy::Async.enqueue(env, url, {}) }.to raise_error(ArgumentError), url
+    end
+    expect(ThreadedProxy::Native.async_running?).to eq(running)
   end
 end

@@ -34,6 +34,70 @@ RSpec.describe ThreadedProxy::Options do
     expect { options("http://user:pw@origin.test/") }.to raise_error(ArgumentError, /user info/)
   end
 
+  # Issue 15 item 11: the Rust parser the request uses decides, in the
+  # action. Ruby's URI took each of these and the request then failed after
+  # the hijack (or went to the wrong place).
+  describe "URLs are judged by the parser the request uses" do
+    it "refuses what that parser refuses, as ArgumentError" do
+      expect { options("http://origin.test/x?a=1 2") }.to raise_error(ArgumentError, /malformed url/)
+      expect { options("http://127%2e0%2e0%2e1:8080/") }.to raise_error(ArgumentError, /malformed url/)
+      expect { options("http://origin.test/\u00fc") }.to raise_error(ArgumentError, /not ASCII/)
+    end
+
+    it "refuses a port out of range instead of using port 80" do
+      expect { options("http://127.0.0.1:74326/") }.to raise_error(ArgumentError, /invalid port "74326"/)
+      expect { options("http://127.0.0.1:0/") }.to raise_error(ArgumentError, /invalid port/)
+      expect { options("http://127.0.0.1:+80/") }.to raise_error(ArgumentError, /invalid port/)
+    end
+
+    it "refuses hosts no resolver takes" do
+      expect { options("http://a..b/") }.to raise_error(ArgumentError, /invalid host/)
+      expect { options("http://a!b/") }.to raise_error(ArgumentError, /invalid host/)
+      expect { options("http://[v1.x]/") }.to raise_error(ArgumentError, /invalid host/)
+      expect { options("http://:80/") }.to raise_error(ArgumentError, /no host/)
+    end
+
+    it "gives a URL without a path the path /" do
+      expect(options("http://127.0.0.1:9000?x=1").url).to eq("http://127.0.0.1:9000/?x=1")
+      expect(options("http://origin.test").url).to eq("http://origin.test/")
+      expect(options("http://origin.test/a?b=1#frag").url).to eq("http://origin.test/a?b=1")
+      expect(options(URI("http://origin.test:8080")).url).to eq("http://origin.test:8080/")
+    end
+
+    it "matches allowed_hosts against the host the request connects to" do
+      configuration.allowed_hosts = ["::1", "files.internal"]
+      expect(options("http://[::1]:8080/x").host).to eq("::1")
+      expect(options("http://FILES.internal?x").url).to eq("http://FILES.internal/?x")
+      expect { options("http://files.internal.evil.test/") }.to raise_error(ArgumentError, /allowed_hosts/)
+      expect { options("http://files.internal:74326/") }.to raise_error(ArgumentError, /invalid port/)
+    end
+  end
+
+  describe ThreadedProxy::TunnelOptions do
+    def tunnel(target)
+      described_class.new(target, {}, configuration)
+    end
+
+    it "takes tcp://host:port and gives the address to connect to" do
+      expect(tunnel("tcp://127.0.0.1:5432").address).to eq("127.0.0.1:5432")
+      expect(tunnel("tcp://[::1]:5432").url).to eq("tcp://[::1]:5432")
+    end
+
+    it "refuses a port out of range, a path, another scheme or no port" do
+      expect { tunnel("tcp://127.0.0.1:74326") }.to raise_error(ArgumentError, /invalid port/)
+      expect { tunnel("tcp://127.0.0.1:5432/x") }.to raise_error(ArgumentError, %r{tcp://host:port})
+      expect { tunnel("http://127.0.0.1:5432") }.to raise_error(ArgumentError, %r{tcp://host:port})
+      expect { tunnel("tcp://127.0.0.1") }.to raise_error(ArgumentError, %r{tcp://host:port})
+      expect { tunnel("tcp://127%2e0%2e0%2e1:5432") }.to raise_error(ArgumentError, /malformed/)
+    end
+
+    it "checks allowed_hosts against the target host" do
+      configuration.allowed_hosts = ["db.internal"]
+      expect(tunnel("tcp://db.internal:5432").address).to eq("db.internal:5432")
+      expect { tunnel("tcp://127.0.0.1:5432") }.to raise_error(ArgumentError, /allowed_hosts/)
+    end
+  end
+
   it "checks methods, headers and bodies" do
     expect(options("http://o.test", method: :post).method).to eq("POST")
     expect { options("http://o.test", method: :fetch) }.to raise_error(ArgumentError, /unsupported method/)

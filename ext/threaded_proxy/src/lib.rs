@@ -8,6 +8,7 @@
 //! # Layout
 //! - `exchange`: one exchange from admission to summary (the orchestration).
 //! - `upstream`: pooled hyper-util clients, TLS, request bodies, error mapping.
+//! - `origin_url`: the one check and canonical form of an origin URL.
 //! - `http1_origin`: the gem's own HTTP/1.1 client for bodiless plain-http
 //!   requests (small idle footprint, and the socket stays ours for splice).
 //! - `splice`: Content-Length bodies moved socket to socket in the kernel.
@@ -31,6 +32,7 @@ pub mod headers;
 pub mod http1_origin;
 pub mod limits;
 pub mod metrics;
+pub mod origin_url;
 pub mod relay;
 pub mod runtime;
 pub mod splice;

@@ -95,6 +95,14 @@ class ContractController < ApplicationController
     proxy_fetch target_url, headers: { "X-Injected" => "a\r\nX-Evil: 1" }
   end
 
+  # The action rescues a bad URL and renders its own page (422): the
+  # ArgumentError comes before the socket is taken, so it can.
+  def fetch_rescued
+    proxy_fetch target_url, fetch_options
+  rescue ArgumentError => e
+    render plain: "own page: #{e.message}", status: 422
+  end
+
   # allowed_hosts: ["localhost", /\Aallowed-\d+\.test\z/] for this call only.
   def allowed_hosts
     ALLOWED_HOSTS_LOCK.synchronize do

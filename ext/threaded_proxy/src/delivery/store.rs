@@ -21,9 +21,9 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rusqlite::{params, Connection, DatabaseName, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, DatabaseName, ErrorCode, OptionalExtension, TransactionBehavior};
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
@@ -234,6 +234,28 @@ INSERT OR IGNORE INTO threaded_proxy_delivery_bodies (id, body)
 ALTER TABLE threaded_proxy_deliveries DROP COLUMN body;
 ";
 
+/// Bounds every lock wait of a queue connection, and the retries of
+/// opening it.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs `step` again while SQLite answers BUSY or LOCKED (the cases its busy
+/// handler does not cover), with a growing pause, until `deadline`.
+fn while_busy<T>(deadline: Instant, mut step: impl FnMut() -> rusqlite::Result<T>) -> StoreResult<T> {
+    let mut pause = Duration::from_millis(2);
+    loop {
+        match step() {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(e.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+                    && Instant::now() + pause < deadline =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            result => return Ok(result?),
+        }
+    }
+}
+
 /// The embedded backend: one connection per process (never carried across
 /// fork: the owner builds a new store in a forked child).
 pub struct SqliteStore {
@@ -245,12 +267,19 @@ impl SqliteStore {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(Duration::from_secs(10))?;
+        let mut conn = Connection::open(path)?;
+        // Before any statement: every later lock wait is bounded by it.
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let deadline = Instant::now() + BUSY_TIMEOUT;
         // WAL: readers never block the writer. FULL: a commit is fsynced
         // before enqueue returns, so an accepted request survives a power
-        // loss too, not only a crash of the process.
-        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        // loss too, not only a crash of the process. The switch is retried:
+        // SQLite answers SQLITE_BUSY at once, without the busy handler, when
+        // a sibling holds the write lock while this connection reads the
+        // header (a sibling worker switching the same fresh file).
+        let mode: String = while_busy(deadline, || {
+            conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        })?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError::Corrupt(format!(
                 "cannot switch {} to WAL (got {mode})",
@@ -258,17 +287,22 @@ impl SqliteStore {
             )));
         }
         conn.execute_batch("PRAGMA synchronous = FULL;")?;
-        let tx = conn.unchecked_transaction()?;
-        tx.execute_batch(SCHEMA)?;
-        let inline_bodies: bool = tx.query_row(
-            "SELECT COUNT(*) > 0 FROM pragma_table_info('threaded_proxy_deliveries') WHERE name = 'body'",
-            [],
-            |r| r.get(0),
-        )?;
-        if inline_bodies {
-            tx.execute_batch(MIGRATE_INLINE_BODIES)?;
-        }
-        tx.commit()?;
+        // IMMEDIATE: the write lock is taken (waiting for a sibling) before
+        // the schema is read, so a sibling's schema commit cannot leave this
+        // transaction on a stale snapshot (SQLITE_BUSY, not retried).
+        while_busy(deadline, || {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute_batch(SCHEMA)?;
+            let inline_bodies: bool = tx.query_row(
+                "SELECT COUNT(*) > 0 FROM pragma_table_info('threaded_proxy_deliveries') WHERE name = 'body'",
+                [],
+                |r| r.get(0),
+            )?;
+            if inline_bodies {
+                tx.execute_batch(MIGRATE_INLINE_BODIES)?;
+            }
+            tx.commit()
+        })?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
         })
@@ -912,5 +946,96 @@ mod tests {
         all.dedup();
         assert_eq!(len, 200);
         assert_eq!(all.len(), 200);
+    }
+
+    /// A sibling holding the write lock of a fresh (rollback-journal) file,
+    /// as a sibling worker does while it switches the file to WAL: the WAL
+    /// switch here fails at once with SQLITE_BUSY, without the busy
+    /// handler (SQLite upgrades a read transaction to write the header);
+    /// opening must wait for the sibling and succeed once it commits.
+    #[test]
+    fn opening_waits_for_a_sibling_holding_the_write_lock() {
+        let dir = tempdir::Dir::new();
+        let path = dir.path.join("locked.sqlite3");
+        let sibling = Connection::open(&path).unwrap();
+        sibling
+            .execute_batch("CREATE TABLE earlier (x); BEGIN IMMEDIATE; CREATE TABLE pending (x);")
+            .unwrap();
+        let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+        let opener = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let result = SqliteStore::open(&path).map(|_| ());
+                opened_tx.send(()).unwrap();
+                result
+            })
+        };
+        // Still waiting while the sibling holds the lock.
+        assert!(opened_rx.recv_timeout(Duration::from_millis(300)).is_err());
+        sibling.execute_batch("COMMIT;").unwrap();
+        opener
+            .join()
+            .unwrap()
+            .expect("open succeeds once the sibling commits");
+        let store = SqliteStore::open(&path).unwrap();
+        store.enqueue(new("http://a/after", b"x")).unwrap();
+        let mode: String = store
+            .conn()
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+
+    /// The schema step while a sibling's write transaction on the WAL file
+    /// is open: waits, then succeeds.
+    #[test]
+    fn opening_waits_for_a_sibling_writing_the_schema() {
+        let dir = tempdir::Dir::new();
+        let path = dir.path.join("schema.sqlite3");
+        let sibling = Connection::open(&path).unwrap();
+        let mode: String = sibling
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        sibling.execute_batch("BEGIN IMMEDIATE;").unwrap();
+        sibling.execute_batch(SCHEMA).unwrap();
+        let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+        let opener = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let result = SqliteStore::open(&path).map(|_| ());
+                opened_tx.send(()).unwrap();
+                result
+            })
+        };
+        assert!(opened_rx.recv_timeout(Duration::from_millis(200)).is_err());
+        sibling.execute_batch("COMMIT;").unwrap();
+        opener
+            .join()
+            .unwrap()
+            .expect("open succeeds once the sibling commits");
+    }
+
+    /// Puma cluster workers booting together on a fresh file: every one
+    /// opens the queue (WAL switch, schema), none fails.
+    #[test]
+    fn many_openers_of_a_fresh_file_all_succeed() {
+        for round in 0..20 {
+            let dir = tempdir::Dir::new();
+            let path = dir.path.join(format!("fresh-{round}.sqlite3"));
+            let start = std::sync::Arc::new(std::sync::Barrier::new(8));
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    let (path, start) = (path.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        SqliteStore::open(&path).map(|_| ())
+                    })
+                })
+                .collect();
+            for handle in handles {
+                handle.join().unwrap().expect("every opener succeeds");
+            }
+        }
     }
 }

@@ -15,6 +15,7 @@ use super::nogvl::{self, guard, nogvl};
 use crate::delivery::store::{now_ms, BodyInput, NewDelivery, StoreError, StoreResult};
 use crate::delivery::{self, Delivery, DeliverySettings, QueueLocation};
 use crate::handoff;
+use crate::origin_url::{self, Kind};
 
 fn opt<T: TryConvert>(ruby: &Ruby, hash: RHash, name: &str) -> Result<Option<T>, Error> {
     hash.lookup::<Symbol, Option<T>>(ruby.to_symbol(name))
@@ -119,8 +120,10 @@ fn async_enqueue(ruby: &Ruby, spec: RHash) -> Result<i64, Error> {
         let delivery = running(ruby)?;
         let method: String = spec.fetch(ruby.to_symbol("method"))?;
         let url: String = spec.fetch(ruby.to_symbol("url"))?;
-        url.parse::<http::Uri>()
-            .map_err(|e| errors::argument_error(ruby, format!("invalid URL {url:?}: {e}")))?;
+        // The same judgement and canonical form as proxy_fetch's URL.
+        let url = origin_url::check(&url, Kind::Http)
+            .map_err(|message| errors::argument_error(ruby, message))?
+            .url;
         let headers = parse_headers(ruby, spec.fetch(ruby.to_symbol("headers"))?)?
             .into_iter()
             .map(|(name, value)| (name, value.to_vec()))

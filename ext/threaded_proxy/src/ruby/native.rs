@@ -15,6 +15,7 @@ use crate::exchange::{self, CallbackSet, ExchangeSpec, Timeouts, TunnelTarget};
 use crate::handoff;
 use crate::headers::ClientRequest;
 use crate::metrics::{Metrics, Value as Metric};
+use crate::origin_url::{self, Kind};
 use crate::runtime::{self, Settings};
 use crate::upstream::{BodySource, TlsSettings};
 
@@ -41,8 +42,17 @@ fn start_exchange(ruby: &Ruby, fd: i32, spec: RHash) -> Result<(), Error> {
         let method = http::Method::from_bytes(method.as_bytes())
             .map_err(|_| errors::argument_error(ruby, format!("invalid HTTP method {method:?}")))?;
         let url: String = key(ruby, spec, "url")?;
-        url.parse::<http::Uri>()
-            .map_err(|e| errors::argument_error(ruby, format!("invalid URL {url:?}: {e}")))?;
+        let tunnel_address = opt::<String>(ruby, spec, "tunnel_address")?;
+        // The check Ruby made before the hijack, again: the URL used is the
+        // canonical one whoever called.
+        let kind = if tunnel_address.is_some() {
+            Kind::Tcp
+        } else {
+            Kind::Http
+        };
+        let url = origin_url::check(&url, kind)
+            .map_err(|message| errors::argument_error(ruby, message))?
+            .url;
         let body = match opt::<Value>(ruby, spec, "body")? {
             None => BodySource::Empty,
             Some(value) if value.is_nil() => BodySource::Empty,
@@ -93,7 +103,7 @@ fn start_exchange(ruby: &Ruby, fd: i32, spec: RHash) -> Result<(), Error> {
             },
             max_buffered_body: key(ruby, spec, "max_buffered_body")?,
             upgrade: opt::<Bytes>(ruby, spec, "upgrade")?,
-            tunnel: match opt::<String>(ruby, spec, "tunnel_address")? {
+            tunnel: match tunnel_address {
                 Some(address) => Some(TunnelTarget {
                     address,
                     upgrade: opt::<Bytes>(ruby, spec, "tunnel_upgrade")?,
@@ -151,6 +161,19 @@ fn dup_failed(ruby: &Ruby, url: &str, what: &str, e: &std::io::Error) -> Error {
         ruby.exception_io_error(),
         format!("cannot duplicate {what} fd: {e}"),
     )
+}
+
+/// Judges an origin URL before the socket is taken, with the parser the
+/// exchange will use: `[canonical_url, host, address]`, or ArgumentError.
+/// `tunnel` asks for a proxy_tunnel target (`tcp://host:port`) instead of
+/// an http(s) URL.
+fn check_url(ruby: &Ruby, url: String, tunnel: bool) -> Result<(String, String, String), Error> {
+    guard(|| {
+        let kind = if tunnel { Kind::Tcp } else { Kind::Http };
+        let checked =
+            origin_url::check(&url, kind).map_err(|message| errors::argument_error(ruby, message))?;
+        Ok((checked.url, checked.host, checked.address))
+    })
 }
 
 /// The next callback job, waited for with the GVL released; nil when
@@ -309,6 +332,7 @@ fn runtime_pid() -> Option<u32> {
 pub fn define(ruby: &Ruby, native: &magnus::RModule) -> Result<(), Error> {
     use magnus::function;
     native.define_module_function("start_exchange", function!(start_exchange, 2))?;
+    native.define_module_function("check_url", function!(check_url, 2))?;
     native.define_module_function("next_job", function!(next_job, 1))?;
     native.define_module_function("configure", function!(configure, 1))?;
     native.define_module_function("stats", function!(stats, 0))?;

@@ -1,0 +1,255 @@
+//! The one decision on an origin URL. Ruby asks it before the client
+//! socket is taken (`Native.check_url`), and the exchange asks it again, so
+//! a URL is judged by the parser the request will actually use
+//! (`http::Uri`, as both origin clients parse it) plus the checks that
+//! parser leaves out: a port that fits in 16 bits (`http::Uri` keeps
+//! `:74326` and reports no port, which would mean port 80), a host a
+//! resolver can look up, no user info, ASCII only. The URL that passes is
+//! rewritten in a canonical form: `http://host:1234?x=1` becomes
+//! `http://host:1234/?x=1` (else `GET ?x=1` would go on the wire), a
+//! fragment is dropped.
+
+use std::net::Ipv6Addr;
+
+/// An origin URL that passed, as the origin clients will use it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedUrl {
+    /// The canonical URL: scheme, authority without user info, a path
+    /// that starts with `/`, the query; no fragment.
+    pub url: String,
+    /// The host the connection goes to (brackets of an IPv6 literal
+    /// removed): what `allowed_hosts` must be matched against.
+    pub host: String,
+    /// `host:port` with the default port filled in (brackets kept), for a
+    /// socket connect.
+    pub address: String,
+}
+
+/// Which URLs a caller takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `http://` or `https://` (proxy_fetch, proxy_async).
+    Http,
+    /// `tcp://host:port` and nothing else (proxy_tunnel's target).
+    Tcp,
+}
+
+/// Checks `url`; the error is a sentence for an ArgumentError.
+pub fn check(url: &str, kind: Kind) -> Result<CheckedUrl, String> {
+    let wanted = match kind {
+        Kind::Http => "url must be http:// or https://",
+        Kind::Tcp => "proxy_tunnel target must look like tcp://host:port",
+    };
+    // The scheme first: `file:///etc/passwd` does not even parse, and the
+    // scheme is what the caller got wrong.
+    let scheme = url
+        .split_once(':')
+        .map(|(s, _)| s)
+        .filter(|s| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+        })
+        .map(str::to_ascii_lowercase);
+    let scheme_ok = matches!(
+        (kind, scheme.as_deref()),
+        (Kind::Http, Some("http" | "https")) | (Kind::Tcp, Some("tcp"))
+    );
+    if !scheme_ok {
+        return Err(format!("{wanted}, got {url:?}"));
+    }
+    if !url.is_ascii() {
+        return Err(format!(
+            "malformed url {url:?}: not ASCII (percent-encode the path and query, punycode the host)"
+        ));
+    }
+    let uri: http::Uri = url.parse().map_err(|e| format!("malformed url {url:?}: {e}"))?;
+    let scheme = scheme.unwrap_or_default();
+    let authority = match uri.authority() {
+        Some(authority) if !authority.host().is_empty() => authority,
+        _ => return Err(format!("url has no host: {url:?}")),
+    };
+    if authority.as_str().contains('@') {
+        return Err(format!("url must not carry user info: {:?}", authority.host()));
+    }
+    let host =
+        check_host(authority.host()).map_err(|why| format!("url has an invalid host ({why}): {url:?}"))?;
+    // `http::Uri` reads the port as the text after the host's last ':';
+    // it must be 1-65535 in plain digits ("" means the default).
+    let port_text = &authority.as_str()[authority.host().len()..];
+    let port_text = port_text.strip_prefix(':').unwrap_or(port_text);
+    let port = match port_text {
+        "" => None,
+        digits => match digits
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| digits.parse::<u16>().ok())
+        {
+            Some(Some(port)) if port > 0 => Some(port),
+            _ => {
+                return Err(format!(
+                    "url has an invalid port {digits:?} (1 to 65535): {url:?}"
+                ))
+            }
+        },
+    };
+    let default_port = match scheme.as_str() {
+        "https" => 443,
+        "http" => 80,
+        _ => match port {
+            Some(port) => port,
+            None => return Err(format!("{wanted}, got {url:?} (no port)")),
+        },
+    };
+    let host_text = authority.host();
+    let address = format!("{host_text}:{}", port.unwrap_or(default_port));
+    let authority = match port {
+        Some(port) => format!("{host_text}:{port}"),
+        None => host_text.to_owned(),
+    };
+    let path_and_query = uri.path_and_query().map_or("", |p| p.as_str());
+    let url = match kind {
+        Kind::Tcp => {
+            if !matches!(path_and_query, "" | "/")
+                || url.contains('#')
+                || url.ends_with('/')
+                || url.ends_with('?')
+            {
+                return Err(format!("{wanted}, got {url:?} (no path, query or fragment)"));
+            }
+            format!("tcp://{authority}")
+        }
+        Kind::Http if path_and_query.starts_with('/') => format!("{scheme}://{authority}{path_and_query}"),
+        Kind::Http => format!("{scheme}://{authority}/{path_and_query}"),
+    };
+    Ok(CheckedUrl { url, host, address })
+}
+
+/// The host as a resolver or a socket takes it: an IPv6 literal in
+/// brackets, else a name or IPv4 address of letters, digits, '-', '_' and
+/// dots, in labels of 1 to 63 bytes (a trailing dot is fine).
+fn check_host(host: &str) -> Result<String, &'static str> {
+    if let Some(inner) = host.strip_prefix('[') {
+        let inner = inner.strip_suffix(']').ok_or("unclosed bracket")?;
+        inner.parse::<Ipv6Addr>().map_err(|_| "not an IPv6 address")?;
+        return Ok(inner.to_owned());
+    }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    if name.len() > 253 {
+        return Err("longer than 253 bytes");
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err("an empty or too long label");
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err("only letters, digits, '-', '_' and '.'");
+        }
+    }
+    Ok(host.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(url: &str) -> CheckedUrl {
+        check(url, Kind::Http).unwrap_or_else(|e| panic!("{url}: {e}"))
+    }
+
+    fn refused(url: &str, kind: Kind) -> String {
+        match check(url, kind) {
+            Ok(checked) => panic!("{url} passed as {checked:?}"),
+            Err(message) => message,
+        }
+    }
+
+    #[test]
+    fn a_url_without_a_path_gets_slash() {
+        assert_eq!(ok("http://h:1234?x=1").url, "http://h:1234/?x=1");
+        assert_eq!(ok("http://h").url, "http://h/");
+        assert_eq!(
+            ok("HTTPS://Files.Internal/a?b#frag").url,
+            "https://Files.Internal/a?b"
+        );
+        assert_eq!(ok("http://h:/p").url, "http://h/p");
+        assert_eq!(ok("http://h:0080/p").url, "http://h:80/p");
+    }
+
+    #[test]
+    fn hosts_and_addresses() {
+        let checked = ok("http://[::1]:8080");
+        assert_eq!(
+            (checked.host.as_str(), checked.address.as_str()),
+            ("::1", "[::1]:8080")
+        );
+        assert_eq!(ok("https://a_b.example.").address, "a_b.example.:443");
+        assert_eq!(ok("http://127.0.0.1/").address, "127.0.0.1:80");
+    }
+
+    #[test]
+    fn out_of_range_and_odd_ports_are_refused() {
+        for url in [
+            "http://h:74326/",
+            "http://h:65536/",
+            "http://h:0/",
+            "http://h:+80/",
+            "http://h:99999999999999999999/",
+        ] {
+            assert!(refused(url, Kind::Http).contains("invalid port"), "{url}");
+        }
+    }
+
+    #[test]
+    fn what_http_uri_refuses_or_would_misread() {
+        assert!(refused("http://h/a?a=1 2", Kind::Http).contains("malformed url"));
+        assert!(refused("http://127%2e0%2e0%2e1:80/", Kind::Http).contains("malformed url"));
+        assert!(refused("http://exa mple.com/", Kind::Http).contains("malformed url"));
+        assert!(refused("http://h/ü", Kind::Http).contains("not ASCII"));
+        assert!(refused("http://u:p@h/", Kind::Http).contains("user info"));
+        assert!(refused("http://:80/", Kind::Http).contains("no host"));
+        assert!(refused("http://a..b/", Kind::Http).contains("invalid host"));
+        assert!(refused("http://a!b/", Kind::Http).contains("invalid host"));
+        assert!(refused("http://[v1.x]/", Kind::Http).contains("invalid host"));
+        for url in [
+            "ftp://h/",
+            "file:///etc/passwd",
+            "/relative",
+            "h/p",
+            "",
+            "tcp://h:1",
+        ] {
+            assert!(refused(url, Kind::Http).contains("http:// or https://"), "{url}");
+        }
+    }
+
+    #[test]
+    fn tunnel_targets() {
+        let checked = check("tcp://[::1]:5432", Kind::Tcp).unwrap();
+        assert_eq!(
+            (
+                checked.url.as_str(),
+                checked.address.as_str(),
+                checked.host.as_str()
+            ),
+            ("tcp://[::1]:5432", "[::1]:5432", "::1")
+        );
+        assert_eq!(
+            check("TCP://db.internal:5432", Kind::Tcp).unwrap().address,
+            "db.internal:5432"
+        );
+        for target in [
+            "tcp://h",
+            "tcp://h:5432/",
+            "tcp://h:5432/x",
+            "tcp://h:5432?x",
+            "http://h:80",
+            "tcp://h:74326",
+        ] {
+            assert!(check(target, Kind::Tcp).is_err(), "{target}");
+        }
+    }
+}
