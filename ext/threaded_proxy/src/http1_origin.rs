@@ -146,10 +146,16 @@ impl Http1Pool {
         self.shared.lock().by_origin.values().map(Vec::len).sum()
     }
 
-    /// Sends a bodiless request and reads the response head. When a pooled
-    /// connection turns out closed before answering, the request goes again
-    /// on the next pooled one, at last on a fresh connection (it is
-    /// idempotent, see `serves`).
+    /// Sends a bodiless request and reads the response head.
+    ///
+    /// A pooled connection can turn out closed by the origin while it sat
+    /// idle (a stale keep-alive): the write fails, or the origin closes or
+    /// resets before any response byte. Only then, and only for an
+    /// idempotent method, the request goes once more, on a new connection,
+    /// never on another pooled one: an origin that drops every request
+    /// (say, one that crashes the worker handling it) must see it at most
+    /// twice, not once per pooled connection. A failure on a new connection
+    /// is final: the origin may have processed the request.
     pub async fn send(
         &self,
         url: &str,
@@ -159,26 +165,38 @@ impl Http1Pool {
     ) -> Result<(ResponseHead, PlainBody), ProxyError> {
         let target = Target::parse(url)?;
         let request = request_head(url, method, &target, request_headers)?;
+        let mut first_try = true;
         loop {
-            let (mut stream, reused) = match self.shared.take(&target.key) {
-                Some(stream) => (stream, true),
-                None => (connect(url, &target, connect_timeout).await?, false),
+            let pooled = if first_try {
+                self.shared.take(&target.key)
+            } else {
+                None
             };
-            if let Err(e) = stream.write_all(&request).await {
-                if reused {
-                    continue;
+            let reused = pooled.is_some();
+            let mut stream = match pooled {
+                Some(stream) => stream,
+                None => connect(url, &target, connect_timeout).await?,
+            };
+            let failure = match stream.write_all(&request).await {
+                Err(e) => upstream_io(url, "sending the request", &e),
+                Ok(()) => {
+                    let mut buf = BytesMut::new();
+                    match read_head(&mut stream, &mut buf).await {
+                        Ok(head) => {
+                            let body = PlainBody::new(stream, buf, method, &head, &self.shared, target.key)
+                                .map_err(|message| upstream(url, message))?;
+                            return Ok((head, body));
+                        }
+                        Err(HeadError::ClosedEarly) => HeadError::ClosedEarly.into_proxy_error(url),
+                        Err(e) => return Err(e.into_proxy_error(url)),
+                    }
                 }
-                return Err(upstream_io(url, "sending the request", &e));
-            }
-            let mut buf = BytesMut::new();
-            let head = match read_head(&mut stream, &mut buf).await {
-                Ok(head) => head,
-                Err(HeadError::ClosedEarly) if reused => continue,
-                Err(e) => return Err(e.into_proxy_error(url)),
             };
-            let body = PlainBody::new(stream, buf, method, &head, &self.shared, target.key)
-                .map_err(|message| upstream(url, message))?;
-            return Ok((head, body));
+            if !(first_try && reused && method.is_idempotent()) {
+                return Err(failure);
+            }
+            // The one retry, on a new connection.
+            first_try = false;
         }
     }
 }
