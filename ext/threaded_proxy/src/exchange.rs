@@ -385,14 +385,36 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         let client = proxy
             .upstream
             .client(&spec.tls, spec.timeouts.connect, &spec.url)?;
-        let request = self.build_request()?;
-        let response = match tokio::time::timeout(self.spec.timeouts.header, client.request(request)).await {
-            Err(_) => return Err(timed_out(&self.spec.url)),
-            Ok(Err(e)) => return Err(upstream::classify(&e, &self.spec.url)),
-            Ok(Ok(response)) => response,
+        // One time-to-headers budget for every try.
+        let deadline = tokio::time::Instant::now() + spec.timeouts.header;
+        let mut body = Some(std::mem::replace(&mut self.spec.body, BodySource::Empty));
+        let mut retries = upstream::REFUSED_RETRIES;
+        let response = loop {
+            let this_try = body.take().unwrap_or(BodySource::Empty);
+            // Kept for a retry; None when the body cannot be sent twice.
+            body = this_try.try_clone();
+            let request = self.build_request(this_try)?;
+            match tokio::time::timeout_at(deadline, client.request(request)).await {
+                Err(_) => return Err(timed_out(&self.spec.url)),
+                Ok(Ok(response)) => break response,
+                // An HTTP/2 origin refused it unprocessed (GOAWAY while
+                // retiring the connection, REFUSED_STREAM): not a 502.
+                Ok(Err(e)) if retries > 0 && body.is_some() && upstream::refused_unprocessed(&e) => {
+                    retries -= 1;
+                }
+                Ok(Err(e)) => return Err(upstream::classify(&e, &self.spec.url)),
+            }
         };
         let status = response.status();
-        if self.spec.upgrade.is_some() && status == http::StatusCode::SWITCHING_PROTOCOLS {
+        if status == http::StatusCode::SWITCHING_PROTOCOLS {
+            if self.spec.upgrade.is_none() {
+                // The gem's own client refuses it too (http1_origin).
+                return Err(ProxyError::Upstream {
+                    url: self.spec.url.clone(),
+                    message: "101 Switching Protocols without an upgrade request".to_owned(),
+                    errno: None,
+                });
+            }
             let headers = response.headers().clone();
             return Ok((status, None, headers, OriginResponse::Switching(response)));
         }
@@ -602,7 +624,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         }
     }
 
-    fn build_request(&mut self) -> Result<Request<upstream::RequestBody>, ProxyError> {
+    fn build_request(&self, body: BodySource) -> Result<Request<upstream::RequestBody>, ProxyError> {
         let mut builder = Request::builder()
             .method(self.spec.method.clone())
             .uri(&self.spec.url);
@@ -619,11 +641,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
                 .header(http::header::UPGRADE, protocol.as_ref())
                 .header(http::header::CONNECTION, "upgrade");
         }
-        let body = std::mem::replace(&mut self.spec.body, BodySource::Empty)
-            .into_body()
-            .map_err(|e| ProxyError::Internal {
-                message: format!("cannot read the request body: {e}"),
-            })?;
+        let body = body.into_body().map_err(|e| ProxyError::Internal {
+            message: format!("cannot read the request body: {e}"),
+        })?;
         builder.body(body).map_err(|e| ProxyError::InvalidHeader {
             url: self.spec.url.clone(),
             message: e.to_string(),
