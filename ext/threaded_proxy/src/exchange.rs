@@ -322,6 +322,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
                 errno: None,
             });
         }
+        if headers::unsupported_transfer_coding(&origin_headers) {
+            return Err(ProxyError::Upstream {
+                url: self.spec.url.clone(),
+                message: "response has a transfer coding other than a lone chunked".to_owned(),
+                errno: None,
+            });
+        }
         let head_length = origin_headers
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
@@ -406,6 +413,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
             }
         };
         let status = response.status();
+        if status.as_u16() > 599 {
+            // hyper takes up to 999; the gem's own client refuses these too.
+            return Err(ProxyError::Upstream {
+                url: self.spec.url.clone(),
+                message: format!("invalid status code {}", status.as_u16()),
+                errno: None,
+            });
+        }
         if status == http::StatusCode::SWITCHING_PROTOCOLS {
             if self.spec.upgrade.is_none() {
                 // The gem's own client refuses it too (http1_origin).

@@ -239,6 +239,24 @@ pub fn ambiguous_framing(headers: &HeaderMap) -> bool {
         && headers.contains_key(http::header::TRANSFER_ENCODING)
 }
 
+/// Transfer codings other than one final `chunked` (RFC 9112 §6.3): with
+/// chunked not final the body would run until close, still encoded, and
+/// no coding but chunked is decoded here; the client would get the raw
+/// framing as the body. Such a response is refused by both origin clients.
+pub fn unsupported_transfer_coding(headers: &HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|c| c.trim_ascii())
+        .filter(|c| !c.is_empty());
+    match (codings.next(), codings.next()) {
+        (None, _) => headers.contains_key(http::header::TRANSFER_ENCODING),
+        (Some(only), None) => !only.eq_ignore_ascii_case(b"chunked"),
+        (Some(_), Some(_)) => true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,6 +406,30 @@ mod tests {
         );
         assert_eq!(content_length(&list(&[("content-length", "x")])), None);
         assert_eq!(content_length(&list(&[])), None);
+    }
+
+    #[test]
+    fn only_a_lone_chunked_transfer_coding_is_relayed() {
+        let te = |values: &[&'static str]| {
+            let mut map = HeaderMap::new();
+            for v in values {
+                map.append("transfer-encoding", HeaderValue::from_static(v));
+            }
+            unsupported_transfer_coding(&map)
+        };
+        assert!(!te(&[]));
+        assert!(!te(&["chunked"]));
+        assert!(!te(&["Chunked "]));
+        for bad in [
+            &["chunked, identity"][..],
+            &["gzip, chunked"],
+            &["gzip"],
+            &["chunked", "chunked"],
+            &["identity"],
+            &[""],
+        ] {
+            assert!(te(bad), "{bad:?}");
+        }
     }
 
     #[test]
