@@ -89,10 +89,17 @@ pub fn validate_all(list: &HeaderList) -> Result<(), String> {
 
 /// The caller's request headers that go to the origin, once all are
 /// checked: framing and hop-by-hop ones are left out (the body decides the
-/// framing; connection headers are the proxy's).
+/// framing; connection headers are the proxy's), and so is `Expect`: the
+/// app server has already answered the client's `100-continue` and read
+/// the body, and neither origin client waits for a 100 before sending it,
+/// so a strict origin would answer 417 to a forwarded one. The one place
+/// every request's headers pass, whoever supplied them (forward_headers,
+/// reverse_proxy, the headers option).
 pub fn to_origin(list: &HeaderList) -> Result<impl Iterator<Item = &(String, Bytes)>, String> {
     validate_all(list)?;
-    Ok(list.iter().filter(|(name, _)| !is_framing_header(name)))
+    Ok(list
+        .iter()
+        .filter(|(name, _)| !is_framing_header(name) && !name.eq_ignore_ascii_case("expect")))
 }
 
 fn is_token_byte(b: u8) -> bool {
@@ -308,6 +315,19 @@ mod tests {
             ("Proxy-Authorization", "Basic x"),
         ]));
         assert_eq!(kept, list(&[("Accept", "*/*")]));
+    }
+
+    #[test]
+    fn to_origin_leaves_out_framing_hop_by_hop_and_expect() {
+        let given = list(&[
+            ("Accept", "*/*"),
+            ("Expect", "100-continue"),
+            ("content-length", "5"),
+            ("Transfer-Encoding", "chunked"),
+            ("X-Mine", "1"),
+        ]);
+        let sent: Vec<&str> = to_origin(&given).unwrap().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(sent, ["Accept", "X-Mine"]);
     }
 
     #[test]
