@@ -365,9 +365,11 @@ impl Body for OriginBody {
 }
 
 /// How many times a request an HTTP/2 origin refused unprocessed goes
-/// again, each time on the connection the pool picks (the refusing one is
-/// retiring, so a new one): enough for an origin that retires connections
-/// under load, bounded for one that refuses everything.
+/// again, each time on the connection the pool picks: a new one after a
+/// GOAWAY (the pool no longer hands out a connection that is going away),
+/// possibly the same after a REFUSED_STREAM, which RFC 9113 §8.7 allows.
+/// Enough for an origin that retires connections under load, bounded for
+/// one that refuses everything.
 pub const REFUSED_RETRIES: usize = 3;
 
 /// True when the origin certainly did not process the request, so it may
