@@ -440,6 +440,25 @@ RSpec.describe "threaded-proxy contract (DESIGN.md)" do
       expect(sent["headers"]).not_to include("x-named")
     end
 
+    it "reverse_proxy does not forward Expect: Puma answered the 100-continue and read the body already" do
+      body = "expected body " * 1000
+      socket = connect
+      send_request(socket, "POST", "/contract/reverse/echo/expect",
+                   "Expect" => "100-continue", "Content-Type" => "text/plain",
+                   "Content-Length" => body.bytesize, "Connection" => "close")
+      expect(read_until(socket, "\r\n\r\n")).to eq("HTTP/1.1 100 Continue\r\n\r\n")
+      socket.write(body)
+      data, reset = read_to_eof(socket)
+      head, payload = data.split("\r\n\r\n", 2)
+      expect([head.lines.first, reset]).to eq(["HTTP/1.1 200 OK\r\n", false])
+      sent = JSON.parse(payload)
+      expect(sent).to include("method" => "POST", "body_sha256" => Digest::SHA256.hexdigest(body))
+      expect(sent["headers"]).not_to include("expect")
+      expect(sent["headers"]).to include("content-type" => ["text/plain"])
+    ensure
+      socket&.close
+    end
+
     it "reverse_proxy passes other methods through too (DELETE, no body)" do
       sent = echo(RawHTTP.request("#{puma.url}/contract/reverse/echo/item/7", method: "DELETE"))
       expect(sent).to include("method" => "DELETE", "path" => "/echo/item/7", "body_bytes" => 0)

@@ -378,6 +378,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
                 errno: None,
             });
         }
+        if headers::unsupported_transfer_coding(&origin_headers) {
+            return Err(ProxyError::Upstream {
+                url: self.spec.url.clone(),
+                message: "response has a transfer coding other than a lone chunked".to_owned(),
+                errno: None,
+            });
+        }
         let head_length = origin_headers
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
@@ -441,14 +448,44 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         let client = proxy
             .upstream
             .client(&spec.tls, spec.timeouts.connect, &spec.url)?;
-        let request = self.build_request()?;
-        let response = match tokio::time::timeout(self.spec.timeouts.header, client.request(request)).await {
-            Err(_) => return Err(timed_out(&self.spec.url)),
-            Ok(Err(e)) => return Err(upstream::classify(&e, &self.spec.url)),
-            Ok(Ok(response)) => response,
+        // One time-to-headers budget for every try.
+        let deadline = tokio::time::Instant::now() + spec.timeouts.header;
+        let mut body = Some(std::mem::replace(&mut self.spec.body, BodySource::Empty));
+        let mut retries = upstream::REFUSED_RETRIES;
+        let response = loop {
+            let this_try = body.take().unwrap_or(BodySource::Empty);
+            // Kept for a retry; None when the body cannot be sent twice.
+            body = this_try.try_clone();
+            let request = self.build_request(this_try)?;
+            match tokio::time::timeout_at(deadline, client.request(request)).await {
+                Err(_) => return Err(timed_out(&self.spec.url)),
+                Ok(Ok(response)) => break response,
+                // An HTTP/2 origin refused it unprocessed (GOAWAY while
+                // retiring the connection, REFUSED_STREAM): not a 502.
+                Ok(Err(e)) if retries > 0 && body.is_some() && upstream::refused_unprocessed(&e) => {
+                    retries -= 1;
+                }
+                Ok(Err(e)) => return Err(upstream::classify(&e, &self.spec.url)),
+            }
         };
         let status = response.status();
-        if self.spec.upgrade.is_some() && status == http::StatusCode::SWITCHING_PROTOCOLS {
+        if status.as_u16() > 599 {
+            // hyper takes up to 999; the gem's own client refuses these too.
+            return Err(ProxyError::Upstream {
+                url: self.spec.url.clone(),
+                message: format!("invalid status code {}", status.as_u16()),
+                errno: None,
+            });
+        }
+        if status == http::StatusCode::SWITCHING_PROTOCOLS {
+            if self.spec.upgrade.is_none() {
+                // The gem's own client refuses it too (http1_origin).
+                return Err(ProxyError::Upstream {
+                    url: self.spec.url.clone(),
+                    message: "101 Switching Protocols without an upgrade request".to_owned(),
+                    errno: None,
+                });
+            }
             let headers = response.headers().clone();
             return Ok((status, None, headers, OriginResponse::Switching(response)));
         }
@@ -675,7 +712,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         }
     }
 
-    fn build_request(&mut self) -> Result<Request<upstream::RequestBody>, ProxyError> {
+    fn build_request(&self, body: BodySource) -> Result<Request<upstream::RequestBody>, ProxyError> {
         let mut builder = Request::builder()
             .method(self.spec.method.clone())
             .uri(&self.spec.url);
@@ -692,11 +729,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
                 .header(http::header::UPGRADE, protocol.as_ref())
                 .header(http::header::CONNECTION, "upgrade");
         }
-        let body = std::mem::replace(&mut self.spec.body, BodySource::Empty)
-            .into_body()
-            .map_err(|e| ProxyError::Internal {
-                message: format!("cannot read the request body: {e}"),
-            })?;
+        let body = body.into_body().map_err(|e| ProxyError::Internal {
+            message: format!("cannot read the request body: {e}"),
+        })?;
         builder.body(body).map_err(|e| ProxyError::InvalidHeader {
             url: self.spec.url.clone(),
             message: e.to_string(),

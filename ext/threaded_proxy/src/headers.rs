@@ -89,10 +89,17 @@ pub fn validate_all(list: &HeaderList) -> Result<(), String> {
 
 /// The caller's request headers that go to the origin, once all are
 /// checked: framing and hop-by-hop ones are left out (the body decides the
-/// framing; connection headers are the proxy's).
+/// framing; connection headers are the proxy's), and so is `Expect`: the
+/// app server has already answered the client's `100-continue` and read
+/// the body, and neither origin client waits for a 100 before sending it,
+/// so a strict origin would answer 417 to a forwarded one. The one place
+/// every request's headers pass, whoever supplied them (forward_headers,
+/// reverse_proxy, the headers option).
 pub fn to_origin(list: &HeaderList) -> Result<impl Iterator<Item = &(String, Bytes)>, String> {
     validate_all(list)?;
-    Ok(list.iter().filter(|(name, _)| !is_framing_header(name)))
+    Ok(list
+        .iter()
+        .filter(|(name, _)| !is_framing_header(name) && !name.eq_ignore_ascii_case("expect")))
 }
 
 fn is_token_byte(b: u8) -> bool {
@@ -239,6 +246,24 @@ pub fn ambiguous_framing(headers: &HeaderMap) -> bool {
         && headers.contains_key(http::header::TRANSFER_ENCODING)
 }
 
+/// Transfer codings other than one final `chunked` (RFC 9112 §6.3): with
+/// chunked not final the body would run until close, still encoded, and
+/// no coding but chunked is decoded here; the client would get the raw
+/// framing as the body. Such a response is refused by both origin clients.
+pub fn unsupported_transfer_coding(headers: &HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|c| c.trim_ascii())
+        .filter(|c| !c.is_empty());
+    match (codings.next(), codings.next()) {
+        (None, _) => headers.contains_key(http::header::TRANSFER_ENCODING),
+        (Some(only), None) => !only.eq_ignore_ascii_case(b"chunked"),
+        (Some(_), Some(_)) => true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,6 +315,19 @@ mod tests {
             ("Proxy-Authorization", "Basic x"),
         ]));
         assert_eq!(kept, list(&[("Accept", "*/*")]));
+    }
+
+    #[test]
+    fn to_origin_leaves_out_framing_hop_by_hop_and_expect() {
+        let given = list(&[
+            ("Accept", "*/*"),
+            ("Expect", "100-continue"),
+            ("content-length", "5"),
+            ("Transfer-Encoding", "chunked"),
+            ("X-Mine", "1"),
+        ]);
+        let sent: Vec<&str> = to_origin(&given).unwrap().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(sent, ["Accept", "X-Mine"]);
     }
 
     #[test]
@@ -388,6 +426,30 @@ mod tests {
         );
         assert_eq!(content_length(&list(&[("content-length", "x")])), None);
         assert_eq!(content_length(&list(&[])), None);
+    }
+
+    #[test]
+    fn only_a_lone_chunked_transfer_coding_is_relayed() {
+        let te = |values: &[&'static str]| {
+            let mut map = HeaderMap::new();
+            for v in values {
+                map.append("transfer-encoding", HeaderValue::from_static(v));
+            }
+            unsupported_transfer_coding(&map)
+        };
+        assert!(!te(&[]));
+        assert!(!te(&["chunked"]));
+        assert!(!te(&["Chunked "]));
+        for bad in [
+            &["chunked, identity"][..],
+            &["gzip, chunked"],
+            &["gzip"],
+            &["chunked", "chunked"],
+            &["identity"],
+            &[""],
+        ] {
+            assert!(te(bad), "{bad:?}");
+        }
     }
 
     #[test]

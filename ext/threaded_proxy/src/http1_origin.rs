@@ -11,8 +11,12 @@
 //!
 //! Framing follows RFC 9112 §6.3: no body for HEAD, 1xx, 204 and 304;
 //! chunked when it is the last transfer coding; else Content-Length (one
-//! valid value); else until the origin closes. A connection goes back to the
-//! pool only after a complete body with nothing left over.
+//! valid value); else until the origin closes. The exchange refuses any
+//! transfer coding but a lone chunked, as it does for hyper's responses
+//! (`headers::unsupported_transfer_coding`), and the start of a chunked
+//! body is checked before the head is handed over (`check_start`). A
+//! connection goes back to the pool only after a complete body with
+//! nothing left over.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -146,10 +150,16 @@ impl Http1Pool {
         self.shared.lock().by_origin.values().map(Vec::len).sum()
     }
 
-    /// Sends a bodiless request and reads the response head. When a pooled
-    /// connection turns out closed before answering, the request goes again
-    /// on the next pooled one, at last on a fresh connection (it is
-    /// idempotent, see `serves`).
+    /// Sends a bodiless request and reads the response head.
+    ///
+    /// A pooled connection can turn out closed by the origin while it sat
+    /// idle (a stale keep-alive): the write fails, or the origin closes or
+    /// resets before any response byte. Only then, and only for an
+    /// idempotent method, the request goes once more, on a new connection,
+    /// never on another pooled one: an origin that drops every request
+    /// (say, one that crashes the worker handling it) must see it at most
+    /// twice, not once per pooled connection. A failure on a new connection
+    /// is final: the origin may have processed the request.
     pub async fn send(
         &self,
         url: &str,
@@ -159,26 +169,42 @@ impl Http1Pool {
     ) -> Result<(ResponseHead, PlainBody), ProxyError> {
         let target = Target::parse(url)?;
         let request = request_head(url, method, &target, request_headers)?;
+        let mut first_try = true;
         loop {
-            let (mut stream, reused) = match self.shared.take(&target.key) {
-                Some(stream) => (stream, true),
-                None => (connect(url, &target, connect_timeout).await?, false),
+            let pooled = if first_try {
+                self.shared.take(&target.key)
+            } else {
+                None
             };
-            if let Err(e) = stream.write_all(&request).await {
-                if reused {
-                    continue;
+            let reused = pooled.is_some();
+            let mut stream = match pooled {
+                Some(stream) => stream,
+                None => connect(url, &target, connect_timeout).await?,
+            };
+            let failure = match stream.write_all(&request).await {
+                Err(e) => upstream_io(url, "sending the request", &e),
+                Ok(()) => {
+                    let mut buf = BytesMut::new();
+                    match read_head(&mut stream, &mut buf).await {
+                        Ok(head) => {
+                            let mut body =
+                                PlainBody::new(stream, buf, method, &head, &self.shared, target.key)
+                                    .map_err(|message| upstream(url, message))?;
+                            body.check_start()
+                                .await
+                                .map_err(|message| upstream(url, message))?;
+                            return Ok((head, body));
+                        }
+                        Err(HeadError::ClosedEarly) => HeadError::ClosedEarly.into_proxy_error(url),
+                        Err(e) => return Err(e.into_proxy_error(url)),
+                    }
                 }
-                return Err(upstream_io(url, "sending the request", &e));
-            }
-            let mut buf = BytesMut::new();
-            let head = match read_head(&mut stream, &mut buf).await {
-                Ok(head) => head,
-                Err(HeadError::ClosedEarly) if reused => continue,
-                Err(e) => return Err(e.into_proxy_error(url)),
             };
-            let body = PlainBody::new(stream, buf, method, &head, &self.shared, target.key)
-                .map_err(|message| upstream(url, message))?;
-            return Ok((head, body));
+            if !(first_try && reused && method.is_idempotent()) {
+                return Err(failure);
+            }
+            // The one retry, on a new connection.
+            first_try = false;
         }
     }
 }
@@ -415,8 +441,11 @@ fn parse_head(buf: &[u8]) -> Result<Parsed, HeadError> {
         Err(e) => return Err(HeadError::Bad(format!("invalid response head: {e}"))),
     };
     let code = response.code.unwrap_or(0);
-    let status =
-        StatusCode::from_u16(code).map_err(|_| HeadError::Bad(format!("invalid status code {code}")))?;
+    // 100..=599 only (RFC 9110 §15): StatusCode takes up to 999.
+    let status = StatusCode::from_u16(code)
+        .ok()
+        .filter(|_| code <= 599)
+        .ok_or_else(|| HeadError::Bad(format!("invalid status code {code}")))?;
     if status.is_informational() {
         if status == StatusCode::SWITCHING_PROTOCOLS {
             return Err(HeadError::Bad(
@@ -509,6 +538,9 @@ pub struct PlainBody {
     framing: BodyFraming,
     /// Where a reusable connection goes back after a complete body.
     pool: Option<(Arc<PoolShared>, String)>,
+    /// The first data, decoded by `check_start` before the head was
+    /// handed over.
+    first: Option<Bytes>,
 }
 
 impl PlainBody {
@@ -546,6 +578,7 @@ impl PlainBody {
             buf,
             framing,
             pool: keep_alive.then(|| (pool.clone(), key)),
+            first: None,
         };
         if body.framing == BodyFraming::Length(0) {
             body.framing = BodyFraming::Done;
@@ -554,6 +587,40 @@ impl PlainBody {
             body.complete();
         }
         Ok(body)
+    }
+
+    /// Validates the start of a chunked body before the exchange commits
+    /// to the head: a bad first chunk-size line, or oversized trailers after
+    /// the last chunk, must be a 502, not a 200 cut by a reset. It decodes
+    /// what came with the head and waits only for an element the origin
+    /// has begun to send (a partial size line) or for the trailers after a
+    /// last chunk; when the head came alone it returns at once, so an event
+    /// stream's head never waits for its first event. The first data found
+    /// is kept for `poll_frame`.
+    async fn check_start(&mut self) -> Result<(), String> {
+        loop {
+            let BodyFraming::Chunked(state) = self.framing else {
+                return Ok(());
+            };
+            let in_trailers = matches!(state, ChunkState::Trailers(_));
+            if self.buf.is_empty() && !in_trailers {
+                return Ok(());
+            }
+            if let Some(n) = self.decode_chunked()? {
+                self.first = Some(self.buf.split_to(n).freeze());
+                return Ok(());
+            }
+            if self.framing == BodyFraming::Done {
+                return Ok(());
+            }
+            match std::future::poll_fn(|cx| self.poll_fill(cx)).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err("origin closed the connection in the middle of a chunked body".to_owned())
+                }
+                Err(e) => return Err(format!("reading the response body: {e}")),
+            }
+        }
     }
 
     /// For `splice`: the socket, the body bytes already read, and how many
@@ -681,30 +748,36 @@ impl PlainBody {
                         self.complete();
                         return Ok(None);
                     }
-                    self.framing = BodyFraming::Chunked(ChunkState::Trailers(seen + line_end + 1));
+                    let seen = seen + line_end + 1;
+                    if seen > MAX_TRAILERS {
+                        return Err("trailers too long".to_owned());
+                    }
+                    self.framing = BodyFraming::Chunked(ChunkState::Trailers(seen));
                 }
             }
         }
     }
 }
 
-/// `<hex digits>[ws][;extensions]` with the line's CR, if any.
+/// `<hex digits>[SP/HTAB][;extensions]` and the line's CR (the LF is
+/// not in `line`). As hyper does, the line must end in CRLF, and a CR
+/// inside the extensions is refused (some recipients end lines at a bare
+/// CR: a smuggling vector); NUL is refused too.
 fn parse_chunk_size(line: &[u8]) -> Result<u64, String> {
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let invalid = || format!("invalid chunk size line {:?}", String::from_utf8_lossy(line));
+    let Some(line) = line.strip_suffix(b"\r") else {
+        return Err(invalid());
+    };
     let digits_end = line
         .iter()
         .position(|b| !b.is_ascii_hexdigit())
         .unwrap_or(line.len());
     let rest = &line[digits_end..];
-    let rest_ok = rest.is_empty() || {
-        let trimmed = rest.trim_ascii_start();
-        trimmed.is_empty() || trimmed[0] == b';'
-    };
+    let after_space = &rest[rest.iter().take_while(|&&b| b == b' ' || b == b'\t').count()..];
+    let rest_ok = after_space.is_empty()
+        || (after_space[0] == b';' && !after_space.iter().any(|&b| b == b'\r' || b == 0));
     if digits_end == 0 || digits_end > 16 || !rest_ok {
-        return Err(format!(
-            "invalid chunk size line {:?}",
-            String::from_utf8_lossy(line)
-        ));
+        return Err(invalid());
     }
     let text = std::str::from_utf8(&line[..digits_end]).map_err(|e| e.to_string())?;
     u64::from_str_radix(text, 16).map_err(|e| e.to_string())
@@ -751,6 +824,9 @@ impl Body for PlainBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(first))));
+        }
         loop {
             match this.framing {
                 BodyFraming::Done => return Poll::Ready(None),
@@ -809,12 +885,12 @@ impl Body for PlainBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.framing == BodyFraming::Done
+        self.framing == BodyFraming::Done && self.first.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
         match self.framing {
-            BodyFraming::Done => SizeHint::with_exact(0),
+            BodyFraming::Done if self.first.is_none() => SizeHint::with_exact(0),
             BodyFraming::Length(left) => SizeHint::with_exact(left),
             _ => SizeHint::default(),
         }
@@ -839,10 +915,23 @@ mod tests {
     #[test]
     fn chunk_size_lines() {
         assert_eq!(parse_chunk_size(b"1a\r"), Ok(26));
-        assert_eq!(parse_chunk_size(b"0"), Ok(0));
+        assert_eq!(parse_chunk_size(b"0\r"), Ok(0));
         assert_eq!(parse_chunk_size(b"5;name=value\r"), Ok(5));
         assert_eq!(parse_chunk_size(b"5 ;ext\r"), Ok(5));
-        for bad in [&b"\r"[..], b"zz\r", b"5x\r", b"-1\r", b"11111111111111111\r"] {
+        assert_eq!(parse_chunk_size(b"5\t;a=\"q\"\r"), Ok(5));
+        for bad in [
+            &b"\r"[..],
+            b"zz\r",
+            b"5x\r",
+            b"-1\r",
+            b"11111111111111111\r",
+            // A bare LF ends the line, a CR or NUL inside the extensions,
+            // a CR before the extensions.
+            b"5",
+            b"5;a\rb\r",
+            b"5;a\0b\r",
+            b"5\r;a\r",
+        ] {
             assert!(
                 parse_chunk_size(bad).is_err(),
                 "{:?}",

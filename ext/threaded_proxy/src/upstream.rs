@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::error::Error as StdError;
-use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -207,6 +207,21 @@ pub enum BodySource {
 }
 
 impl BodySource {
+    /// A second source for the same bytes, to send a request again (an
+    /// HTTP/2 origin refused it unprocessed); None for a source that can be
+    /// read only once.
+    pub fn try_clone(&self) -> Option<BodySource> {
+        match self {
+            BodySource::Empty => Some(BodySource::Empty),
+            BodySource::Bytes(bytes) => Some(BodySource::Bytes(bytes.clone())),
+            BodySource::File { file, offset } => file.try_clone().ok().map(|file| BodySource::File {
+                file,
+                offset: *offset,
+            }),
+            BodySource::Chunks { .. } => None,
+        }
+    }
+
     /// No bytes to send (nil, or an empty string).
     pub fn is_empty(&self) -> bool {
         match self {
@@ -226,12 +241,13 @@ impl BodySource {
         Ok(match self {
             BodySource::Empty => Empty::new().map_err(|never| match never {}).boxed(),
             BodySource::Bytes(bytes) => Full::new(bytes).map_err(|never| match never {}).boxed(),
-            BodySource::File { mut file, offset } => {
+            BodySource::File { file, offset } => {
                 let length = file.metadata()?.len().saturating_sub(offset);
-                file.seek(SeekFrom::Start(offset))?;
-                let read = move |_offset, max| {
+                // Positioned reads: a clone of this source (a retried
+                // request) shares the descriptor's file offset.
+                let read = move |position, max| {
                     let mut buf = vec![0u8; max];
-                    let n = file.read(&mut buf)?;
+                    let n = file.read_at(&mut buf, offset + position)?;
                     buf.truncate(n);
                     Ok(buf)
                 };
@@ -348,6 +364,33 @@ impl Body for OriginBody {
     }
 }
 
+/// How many times a request an HTTP/2 origin refused unprocessed goes
+/// again, each time on the connection the pool picks: a new one after a
+/// GOAWAY (the pool no longer hands out a connection that is going away),
+/// possibly the same after a REFUSED_STREAM, which RFC 9113 §8.7 allows.
+/// Enough for an origin that retires connections under load, bounded for
+/// one that refuses everything.
+pub const REFUSED_RETRIES: usize = 3;
+
+/// True when the origin certainly did not process the request, so it may
+/// go again whatever its method (RFC 9113 §8.7): the stream was above the
+/// last-stream-id of the origin's GOAWAY (h2 gives those streams, and
+/// streams opened after it, the GOAWAY as their error; a stream the origin
+/// had accepted gets a broken pipe instead when the connection ends), or
+/// the origin reset it with REFUSED_STREAM. hyper-util retries on its own
+/// only a request it never handed to a connection.
+pub fn refused_unprocessed(err: &hyper_util::client::legacy::Error) -> bool {
+    let mut source: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_remote()
+                && (h2.is_go_away() || (h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM)));
+        }
+        source = e.source();
+    }
+    false
+}
+
 /// Maps a client error to the kind the user sees (502 family or 504).
 pub fn classify(err: &hyper_util::client::legacy::Error, url: &str) -> ProxyError {
     let url = url.to_owned();
@@ -402,4 +445,40 @@ pub fn error_chain(err: &(dyn StdError + 'static)) -> String {
         source = e.source();
     }
     parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn read_all(source: BodySource) -> Vec<u8> {
+        source
+            .into_body()
+            .unwrap()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_cloned_file_body_sends_the_same_bytes_even_read_at_the_same_time() {
+        let path = std::env::temp_dir().join(format!("threaded-proxy-body-{}", std::process::id()));
+        let content: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &content).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let source = BodySource::File { file, offset: 7 };
+        let copy = source.try_clone().expect("a file body can be sent twice");
+        // Both read concurrently through descriptors sharing one offset.
+        let (a, b) = tokio::join!(read_all(source), read_all(copy));
+        assert!(a == content[7..] && b == content[7..]);
+        let chunks = BodySource::Chunks {
+            length: 1,
+            chunk: 1,
+            read: Box::new(|_, _| Ok(vec![0])),
+        };
+        assert!(chunks.try_clone().is_none(), "a one-shot source is not replayed");
+    }
 }

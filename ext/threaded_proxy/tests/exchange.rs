@@ -305,3 +305,113 @@ fn the_head_does_not_wait_for_a_slow_first_body_chunk() {
     let rest = read_all(client);
     assert_eq!(rest, "5\r\nhello\r\n0\r\n\r\n");
 }
+
+/// An origin that reads each request whole (head and Content-Length
+/// body), answers `response`, then waits for the proxy to close.
+fn canned_origin(response: Vec<u8>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let response = response.clone();
+            thread::spawn(move || {
+                conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut length = 0;
+                let mut line = String::new();
+                while reader.read_line(&mut line).unwrap_or(0) > 2 {
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap();
+                    }
+                    line.clear();
+                }
+                let mut body = vec![0u8; length];
+                if reader.read_exact(&mut body).is_err() || conn.write_all(&response).is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 1024];
+                while matches!(reader.read(&mut buf), Ok(n) if n > 0) {}
+            });
+        }
+    });
+    url
+}
+
+/// What the client gets for `response` through the gem's own client (a
+/// bodiless GET) and through hyper (a POST with a body).
+fn through_both_clients(response: &[u8]) -> [(&'static str, String); 2] {
+    let url = canned_origin(response.to_vec());
+    let get = spec(&url, CallbackSet::default(), Duration::from_secs(5));
+    let post = ExchangeSpec {
+        method: http::Method::POST,
+        body: threaded_proxy::upstream::BodySource::Bytes(Bytes::from_static(b"posted")),
+        ..spec(&url, CallbackSet::default(), Duration::from_secs(5))
+    };
+    [
+        ("own client", read_all(start(get))),
+        ("hyper", read_all(start(post))),
+    ]
+}
+
+#[test]
+fn both_origin_clients_answer_502_before_any_byte_for_unrelayable_heads() {
+    for response in [
+        // No Upgrade was asked.
+        &b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n"[..],
+        // Chunked not final: the body would be the raw chunk framing.
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, identity\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        // Outside 100..=599.
+        b"HTTP/1.1 600 Beyond\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 999 Beyond\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 099 Below\r\nContent-Length: 2\r\n\r\nok",
+    ] {
+        for (client, out) in through_both_clients(response) {
+            assert!(
+                out.starts_with("HTTP/1.1 502 Bad Gateway\r\n"),
+                "{client} for {:?} gave {out:?}",
+                String::from_utf8_lossy(response)
+            );
+        }
+    }
+}
+
+#[test]
+fn the_own_client_checks_the_first_chunk_before_the_head_goes_out() {
+    let mut huge_trailers = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n".to_vec();
+    for i in 0..3000 {
+        huge_trailers.extend_from_slice(format!("X-Trailer-{i}: {}\r\n", "t".repeat(20)).as_bytes());
+    }
+    huge_trailers.extend_from_slice(b"\r\n");
+    let mut one_long_trailer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-Long: ".to_vec();
+    one_long_trailer.extend(std::iter::repeat_n(b'a', 70 * 1024));
+    one_long_trailer.extend_from_slice(b"\r\n\r\n");
+    for response in [
+        &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"[..],
+        // A CR or NUL inside the extensions, a bare LF after the size.
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;a\rb\r\nabc\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;a\0b\r\nabc\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\r\n0\r\n\r\n",
+        &huge_trailers,
+        &one_long_trailer,
+    ] {
+        let url = canned_origin(response.to_vec());
+        let out = read_all(start(spec(&url, CallbackSet::default(), Duration::from_secs(5))));
+        assert!(
+            out.starts_with("HTTP/1.1 502 Bad Gateway\r\n"),
+            "{:?} gave {out:?}",
+            String::from_utf8_lossy(&response[..response.len().min(120)])
+        );
+    }
+    // Extensions and trailers within bounds still pass, the first chunk
+    // decoded ahead included.
+    let url = canned_origin(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;a=\"b\"\r\nabc\r\n2\r\nde\r\n0\r\nX-T: 1\r\n\r\n"
+            .to_vec(),
+    );
+    let out = read_all(start(spec(&url, CallbackSet::default(), Duration::from_secs(5))));
+    assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+    assert!(out.ends_with("\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), "{out}");
+}

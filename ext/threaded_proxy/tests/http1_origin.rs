@@ -251,3 +251,124 @@ fn a_client_that_stops_reading_mid_splice_ends_the_exchange_and_its_origin_conne
     );
     drop(client);
 }
+
+/// An origin whose first `pooled` connections each answer one request once
+/// all of them are open (so the proxy pools that many), and which then,
+/// once `drop_all` is set, reads every request and closes (or resets) its
+/// connection without answering: a keep-alive timeout on all of them, or a
+/// request that crashes each worker it reaches.
+struct DroppingOrigin {
+    url: String,
+    accepted: Arc<AtomicUsize>,
+    /// Requests read after `drop_all` was set.
+    dropped: Arc<AtomicUsize>,
+    drop_all: Arc<std::sync::atomic::AtomicBool>,
+}
+
+fn dropping_origin(pooled: usize, reset: bool) -> DroppingOrigin {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let drop_all = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let all_open = Arc::new(std::sync::Barrier::new(pooled));
+    let (counter, dropped_counter, dropping) = (accepted.clone(), dropped.clone(), drop_all.clone());
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            let (dropped, dropping, all_open) = (dropped_counter.clone(), dropping.clone(), all_open.clone());
+            thread::spawn(move || {
+                conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                loop {
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        match reader.read_line(&mut line) {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) if line == "\r\n" => break,
+                            Ok(_) => {}
+                        }
+                    }
+                    if dropping.load(Ordering::SeqCst) {
+                        dropped.fetch_add(1, Ordering::SeqCst);
+                        if reset {
+                            socket2::SockRef::from(&conn)
+                                .set_linger(Some(Duration::ZERO))
+                                .unwrap();
+                        }
+                        return;
+                    }
+                    if n < pooled {
+                        all_open.wait();
+                    }
+                    if conn.write_all(OK.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    DroppingOrigin {
+        url,
+        accepted,
+        dropped,
+        drop_all,
+    }
+}
+
+fn fetch_spec(spec: threaded_proxy::exchange::ExchangeSpec) -> String {
+    let (mut ours, theirs) = UnixStream::pair().unwrap();
+    ours.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    exchange::start(runtime::current().unwrap(), spec, OwnedFd::from(theirs));
+    let mut out = Vec::new();
+    let _ = ours.read_to_end(&mut out);
+    text(&out)
+}
+
+#[test]
+fn a_request_the_origin_drops_is_sent_at_most_twice_whatever_the_pool_holds() {
+    const POOLED: usize = 30;
+    let mut id = 910_000;
+    for (method, reset) in [
+        (http::Method::GET, false),
+        (http::Method::GET, true),
+        (http::Method::HEAD, false),
+        (http::Method::DELETE, true),
+    ] {
+        let origin = dropping_origin(POOLED, reset);
+        let fill: Vec<_> = (0..POOLED)
+            .map(|_| {
+                id += 1;
+                let spec = common::get(id, &origin.url);
+                thread::spawn(move || fetch_spec(spec))
+            })
+            .collect();
+        for fetch in fill {
+            let out = fetch.join().unwrap();
+            assert!(out.ends_with("\r\n\r\nok"), "filling the pool: {out}");
+        }
+        assert_eq!(origin.accepted.load(Ordering::SeqCst), POOLED);
+
+        origin.drop_all.store(true, Ordering::SeqCst);
+        id += 1;
+        let head_only = method == http::Method::HEAD;
+        let mut spec = common::get(id, &format!("{}/crash", origin.url));
+        spec.method = method.clone();
+        spec.client.head_only = head_only;
+        let out = fetch_spec(spec);
+        assert!(
+            out.starts_with("HTTP/1.1 502 "),
+            "{method} (reset {reset}): {out}"
+        );
+        let (sent, opened) = (
+            origin.dropped.load(Ordering::SeqCst),
+            origin.accepted.load(Ordering::SeqCst) - POOLED,
+        );
+        assert!(
+            sent <= 2 && opened <= 1,
+            "{method} (reset {reset}) reached the origin {sent} times on {opened} new connections"
+        );
+    }
+}
