@@ -21,7 +21,7 @@ Rails.application.routes.draw do
 
   # contract specs (spec/integration/contract_spec.rb)
   scope "/contract", controller: :contract, format: false do
-    %i[fetch string_body file_body rack_body unknown_option header_option_crlf allowed_hosts
+    %i[fetch string_body file_body rack_body unknown_option header_option_crlf allowed_hosts allowed_hosts_restored
        on_response_render on_response_pass on_response_unrendered on_response_redirect
        on_response_too_large on_complete on_error on_headers_crlf].each do |name|
       match name.to_s, action: name, via: :all

@@ -517,6 +517,7 @@ RSpec.describe "threaded-proxy contract (DESIGN.md)" do
         sent = echo(call(:allowed_hosts, origin: "http://localhost:#{origin.port}", path: "/echo/allowed"))
         expect(sent["path"]).to eq("/echo/allowed")
         # the setting was restored: no allowed_hosts for the next call
+        expect(call(:allowed_hosts_restored).body).to eq("nil")
         expect(call(:fetch, path: "/echo").status).to eq(200)
       end
     end

@@ -116,6 +116,12 @@ class ContractController < ApplicationController
     end
   end
 
+  # The allowed_hosts setting once no allowed_hosts call holds it: Rust
+  # may answer that call's client before its `ensure` put the setting back.
+  def allowed_hosts_restored
+    ALLOWED_HOSTS_LOCK.synchronize { render plain: ThreadedProxy.configuration.allowed_hosts.inspect }
+  end
+
   # ---------------------------------------------------------------- callbacks
 
   # on_response reads the body, then renders it as ?as=text|json|string|io|file.
