@@ -17,7 +17,9 @@
 //! - `handoff`: fd → tokio stream.
 //! - `tunnel`: two-way byte copy after a 101 or for `proxy_tunnel`.
 //! - `callbacks`: the queue between tokio tasks and Ruby callback threads.
-//! - `delivery`: `proxy_async`: the durable queue (SQLite) and its background worker.
+//! - `delivery`: `proxy_async`: the background worker (`delivery::worker`)
+//!   and the durable queue (`delivery::store`: the trait, the SQLite and
+//!   PostgreSQL backends, the header codec).
 //! - `runtime`: the per-process runtime, rebuilt after fork; settings.
 //! - `limits`, `stats`, `errors`: admission caps, counters, the error type.
 //! - `metrics`: the Prometheus text exposition and latency histograms.

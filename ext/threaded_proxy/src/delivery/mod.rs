@@ -3,17 +3,16 @@
 //! process's tokio runtime delivers it with a concurrency cap, a rate, a
 //! timeout per attempt and retries with exponential backoff and jitter.
 //!
-//! - `store`: the [`store::DeliveryStore`] trait and the embedded SQLite
-//!   backend (one WAL file shared by every process of a machine).
-//! - `postgres`: the PostgreSQL backend (processes on several machines;
-//!   claims with `SKIP LOCKED`).
+//! - `store`: the [`store::DeliveryStore`] trait and its backends: the
+//!   embedded SQLite one (`store::sqlite`, one WAL file shared by every
+//!   process of a machine) and PostgreSQL (`store::postgres`, processes on
+//!   several machines; claims with `SKIP LOCKED`).
 //! - `worker`: the claim loop, one attempt, the outcome of an attempt.
 //!
 //! One [`Delivery`] per process, started on demand and started again in a
 //! forked child (the parent's is leaked there, like the runtime: its
 //! SQLite connection must never be used or closed across fork).
 
-pub mod postgres;
 pub mod store;
 pub mod worker;
 
@@ -27,7 +26,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
 
 use crate::runtime::{self, Tracker};
-use store::{DeliveryStore, SqliteStore, StoreError};
+use store::{postgres, DeliveryStore, SqliteStore, StoreError};
 
 /// Where the queue lives.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -24,10 +24,21 @@ use std::time::Duration;
 
 use postgres::{Client, Config, GenericClient, NoTls, Row};
 
-use super::store::{
+use super::{
     copy_file, decode_headers, encode_headers, now_ms, BodyInput, Claimed, ClaimedBody, DeadRow,
     DeliveryStore, NewDelivery, QueueStats, StoreError, StoreResult, INLINE_BODY_MAX,
 };
+
+/// The server's own message when it sent one: `postgres::Error`'s display
+/// alone says only "db error".
+impl From<postgres::Error> for StoreError {
+    fn from(err: postgres::Error) -> StoreError {
+        StoreError::Postgres(match err.as_db_error() {
+            Some(db) => db.to_string(),
+            None => err.to_string(),
+        })
+    }
+}
 
 /// Serialises schema creation between processes starting at once (two
 /// `CREATE TABLE IF NOT EXISTS` can otherwise collide in the catalog).
