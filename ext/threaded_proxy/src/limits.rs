@@ -23,20 +23,37 @@ pub const EXCHANGE_FDS: usize = 2;
 /// duplicate of the client socket registered for writability.
 pub const SPLICE_FDS: usize = 3;
 
+/// The process's caps and what running exchanges hold of them. The caps
+/// are atomics, not constants, so `configure` changes them while exchanges
+/// run (a permit taken under the old value is simply given back later).
 pub struct Limits {
+    /// `max_connections`: exchanges running at once in this process.
     max_total: AtomicUsize,
+    /// `max_connections_per_origin`: so one slow origin cannot take every
+    /// slot from the others.
     max_per_origin: AtomicUsize,
+    /// `fd_budget`: descriptors running exchanges may hold together (see
+    /// the module doc for why a count alone is not enough).
     fd_budget: AtomicUsize,
+    /// Exchanges holding a permit now.
     total: AtomicUsize,
+    /// Descriptors reserved by those permits now.
     fds: AtomicUsize,
+    /// Permits held per origin key (scheme, host, port). A map under a
+    /// mutex: origins are not known in advance; an entry is removed when
+    /// its count drops to 0, so the map holds only busy origins.
     per_origin: Mutex<HashMap<String, usize>>,
 }
 
 /// Holds one slot of each cap, and the descriptors it reserved, until
 /// dropped.
 pub struct Permit<'a> {
+    /// Where to give the slots back on drop.
     limits: &'a Limits,
+    /// The origin key whose per-origin count this permit holds.
     origin: String,
+    /// Descriptors reserved now: the exchange's own plus a splice's while
+    /// it runs; all of them go back on drop.
     fds: usize,
 }
 

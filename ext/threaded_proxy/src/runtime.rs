@@ -28,6 +28,8 @@ pub struct Settings {
     pub callback_timeout: Duration,
     /// Idle pooled origin connections are closed after this long.
     pub pool_idle_timeout: Duration,
+    /// Idle connections kept per origin: bounds the descriptors (and the
+    /// origin's resources) an idle process holds after a burst.
     pub pool_max_idle_per_host: usize,
     /// Concurrent exchanges per process; past it new ones answer 503.
     pub max_connections: usize,
@@ -83,13 +85,32 @@ pub fn configure(settings: Settings) {
 
 /// Everything one process needs to run exchanges.
 pub struct Proxy {
+    /// The process that built it: [`current`] and [`existing`] compare it
+    /// with the running pid to tell this process's proxy from one inherited
+    /// through fork (whose runtime threads are gone). Also the `pid` label
+    /// of the metrics.
     pub pid: u32,
+    /// Runs every exchange, origin connection and delivery attempt; its
+    /// threads never touch the Ruby VM.
     pub runtime: tokio::runtime::Runtime,
+    /// The one way from a tokio task to Ruby code: the queue the gem's
+    /// callback threads take jobs from, and how long a reply may take.
     pub callbacks: CallbackBridge,
+    /// The origin clients and their pools, shared by every exchange so an
+    /// origin connection is reused across requests.
     pub upstream: Upstream,
+    /// The counters behind `ThreadedProxy.stats` (plain atomics, read by
+    /// snapshot).
     pub stats: Stats,
+    /// Admission: the connection caps and the descriptor budget an exchange
+    /// must fit in before it runs; `configure` resizes them at once.
     pub limits: Limits,
+    /// The latency histograms behind `ThreadedProxy::Metrics`, and which
+    /// origin hosts get their own label.
     pub metrics: Metrics,
+    /// Running exchange tasks, so a graceful shutdown can wait until none
+    /// is left (a count with a condvar to wait on, which `stats.active`, a
+    /// plain counter, cannot offer).
     pub tracker: Tracker,
     /// Cleared by shutdown: new exchanges are refused with 503.
     accepting: AtomicBool,
@@ -174,7 +195,10 @@ pub fn existing() -> Option<&'static Proxy> {
 /// Counts running exchanges so shutdown can wait for them.
 #[derive(Default)]
 pub struct Tracker {
+    /// Running now; under a mutex (not an atomic) so that a waiter checks
+    /// it and sleeps on `idle` without missing the last exit.
     active: Mutex<usize>,
+    /// Notified when `active` reaches 0 and by [`Tracker::interrupt`].
     idle: Condvar,
     /// Total ever entered; lets tests check nothing leaked.
     entered: AtomicUsize,

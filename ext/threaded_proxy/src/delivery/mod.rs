@@ -68,11 +68,14 @@ pub struct DeliverySettings {
     pub rate: f64,
     /// Bound on one attempt (connect, send, response head and body).
     pub timeout: Duration,
+    /// Bound on connecting to the origin of an attempt, and to the
+    /// PostgreSQL server of the queue.
     pub connect_timeout: Duration,
     /// After this many failed attempts a request is dead.
     pub max_attempts: u32,
     /// Delay after the first failure; doubles per attempt, with jitter.
     pub backoff: Duration,
+    /// Cap of that delay, and of an origin's `Retry-After`.
     pub backoff_max: Duration,
     /// Statuses that count as delivered (default 200..=299).
     pub success: Vec<RangeInclusive<u16>>,
@@ -138,8 +141,15 @@ pub enum DeliveryError {
 
 /// This process's delivery service.
 pub struct Delivery {
+    /// The process that started it: tells this process's service from one
+    /// inherited through fork, and is the owner of every row it claims.
     pub pid: u32,
+    /// Fixed for the service's life: a second start must name the same
+    /// queue (`OtherQueue` otherwise).
     pub settings: DeliverySettings,
+    /// The queue, behind the trait so the worker is the same for SQLite and
+    /// PostgreSQL; an `Arc` because the worker's `spawn_blocking` calls and
+    /// Ruby's enqueue (without the GVL) each take a handle.
     pub store: Arc<dyn DeliveryStore>,
     /// Running attempts, so shutdown can wait for them.
     pub in_flight: Tracker,

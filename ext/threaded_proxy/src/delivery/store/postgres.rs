@@ -72,10 +72,16 @@ CREATE TABLE IF NOT EXISTS threaded_proxy_counters (
 );
 ";
 
+/// The PostgreSQL backend: one connection per process, opened again when
+/// the server closed it.
 pub struct PostgresStore {
+    /// The parsed URL, with the connect timeout and application name
+    /// filled in: kept to connect again.
     config: Config,
     /// This machine's name: with the pid, who holds a claim.
     host: String,
+    /// None until connected, and again after the server closed the
+    /// connection; the mutex serialises the process's queue calls on it.
     client: Mutex<Option<Client>>,
 }
 

@@ -74,6 +74,8 @@ fn while_busy<T>(deadline: Instant, mut step: impl FnMut() -> rusqlite::Result<T
 /// The embedded backend: one connection per process (never carried across
 /// fork: the owner builds a new store in a forked child).
 pub struct SqliteStore {
+    /// A connection is not `Sync`; one per process behind a mutex is
+    /// enough, as SQLite serialises writers to the file anyway.
     conn: Mutex<Connection>,
 }
 
