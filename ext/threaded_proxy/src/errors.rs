@@ -5,7 +5,8 @@ use std::fmt;
 /// What went wrong, as the Ruby layer sees it.
 ///
 /// Keep in sync with `lib/threaded_proxy/errors.rb`: every kind maps to one
-/// Ruby exception class through `ErrorKind::as_str` and `Error.for_kind`.
+/// Ruby exception class through `class_name` in `src/ruby/errors.rs`, and
+/// `ErrorKind::as_str` is that exception's `kind`.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("could not connect to {url}: {message}")]

@@ -50,24 +50,6 @@ pub fn end_to_end(headers: &HeaderMap) -> HeaderList {
         .collect()
 }
 
-/// Drops hop-by-hop headers (and those a `Connection` header names) from a
-/// list given by Ruby, e.g. the client's request headers for `forward_headers`.
-pub fn strip_hop_by_hop(list: HeaderList) -> HeaderList {
-    let named: Vec<String> = list
-        .iter()
-        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
-        .flat_map(|(_, v)| {
-            String::from_utf8_lossy(v)
-                .split(',')
-                .map(|t| t.trim().to_ascii_lowercase())
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    list.into_iter()
-        .filter(|(n, _)| !is_hop_by_hop(n) && !named.iter().any(|t| t.eq_ignore_ascii_case(n)))
-        .collect()
-}
-
 /// Refuses names that are not HTTP tokens and values with CR, LF or NUL, so
 /// nothing a callback or an option supplies can split a message.
 pub fn validate(name: &str, value: &[u8]) -> Result<(), String> {
@@ -222,23 +204,6 @@ pub fn write_switch_head(buf: &mut BytesMut, status: u16, headers: &HeaderList, 
     buf.put_slice(b"\r\n");
 }
 
-/// The value of Content-Length in a header list, when there is exactly one
-/// well-formed one.
-pub fn content_length(headers: &HeaderList) -> Option<u64> {
-    let mut values = headers
-        .iter()
-        .filter(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-        .map(|(_, v)| {
-            std::str::from_utf8(v)
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-        });
-    match (values.next(), values.next()) {
-        (Some(Some(n)), None) => Some(n),
-        _ => None,
-    }
-}
-
 /// Origin responses whose framing is ambiguous are refused (request
 /// smuggling): both Content-Length and Transfer-Encoding.
 pub fn ambiguous_framing(headers: &HeaderMap) -> bool {
@@ -306,24 +271,16 @@ mod tests {
     }
 
     #[test]
-    fn strip_hop_by_hop_handles_request_lists() {
-        let kept = strip_hop_by_hop(list(&[
-            ("Accept", "*/*"),
-            ("Connection", "close, X-Hop"),
-            ("X-Hop", "1"),
-            ("TE", "trailers"),
-            ("Proxy-Authorization", "Basic x"),
-        ]));
-        assert_eq!(kept, list(&[("Accept", "*/*")]));
-    }
-
-    #[test]
     fn to_origin_leaves_out_framing_hop_by_hop_and_expect() {
         let given = list(&[
             ("Accept", "*/*"),
             ("Expect", "100-continue"),
             ("content-length", "5"),
             ("Transfer-Encoding", "chunked"),
+            ("Connection", "close"),
+            ("Keep-Alive", "timeout=5"),
+            ("TE", "trailers"),
+            ("Proxy-Authorization", "Basic x"),
             ("X-Mine", "1"),
         ]);
         let sent: Vec<&str> = to_origin(&given).unwrap().map(|(n, _)| n.as_str()).collect();
@@ -415,17 +372,6 @@ mod tests {
         let mut buf = BytesMut::new();
         write_switch_head(&mut buf, 200, &list(&[]), None);
         assert_eq!(&buf[..], b"HTTP/1.1 200 OK\r\n\r\n");
-    }
-
-    #[test]
-    fn content_length_needs_exactly_one_number() {
-        assert_eq!(content_length(&list(&[("Content-Length", "12")])), Some(12));
-        assert_eq!(
-            content_length(&list(&[("content-length", "1"), ("content-length", "1")])),
-            None
-        );
-        assert_eq!(content_length(&list(&[("content-length", "x")])), None);
-        assert_eq!(content_length(&list(&[])), None);
     }
 
     #[test]

@@ -234,7 +234,7 @@ fn async_abandon(ruby: &Ruby) -> Result<u64, Error> {
     })
 }
 
-pub fn define(ruby: &Ruby, native: &magnus::RModule) -> Result<(), Error> {
+pub fn define(native: &magnus::RModule) -> Result<(), Error> {
     use magnus::function;
     native.define_module_function("async_start", function!(async_start, 1))?;
     native.define_module_function("async_running?", function!(async_running, 0))?;
@@ -245,6 +245,5 @@ pub fn define(ruby: &Ruby, native: &magnus::RModule) -> Result<(), Error> {
     native.define_module_function("async_stop_claiming", function!(async_stop_claiming, 0))?;
     native.define_module_function("async_wait_idle", function!(async_wait_idle, 1))?;
     native.define_module_function("async_abandon", function!(async_abandon, 0))?;
-    let _ = ruby;
     Ok(())
 }

@@ -61,6 +61,5 @@ pub fn raise_report(ruby: &Ruby, report: &ErrorReport) -> Error {
 }
 
 pub fn argument_error(ruby: &Ruby, message: impl Into<String>) -> Error {
-    let _ = ruby.get_inner(&ROOT).as_value();
     Error::new(ruby.exception_arg_error(), message.into())
 }

@@ -13,8 +13,8 @@ use magnus::{Error, Module, Ruby};
 pub fn init(ruby: &Ruby) -> Result<(), Error> {
     let root = ruby.define_module("ThreadedProxy")?;
     let native = root.define_module("Native")?;
-    native::define(ruby, &native)?;
+    native::define(&native)?;
     job::define(ruby, &native)?;
-    delivery::define(ruby, &native)?;
+    delivery::define(&native)?;
     Ok(())
 }

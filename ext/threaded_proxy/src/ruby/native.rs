@@ -329,7 +329,7 @@ fn runtime_pid() -> Option<u32> {
     runtime::existing().map(|p| p.pid)
 }
 
-pub fn define(ruby: &Ruby, native: &magnus::RModule) -> Result<(), Error> {
+pub fn define(native: &magnus::RModule) -> Result<(), Error> {
     use magnus::function;
     native.define_module_function("start_exchange", function!(start_exchange, 2))?;
     native.define_module_function("check_url", function!(check_url, 2))?;
@@ -344,6 +344,5 @@ pub fn define(ruby: &Ruby, native: &magnus::RModule) -> Result<(), Error> {
     native.define_module_function("active", function!(active, 0))?;
     native.define_module_function("runtime_pid", function!(runtime_pid, 0))?;
     native.define_module_function("start_runtime", function!(start_runtime, 0))?;
-    let _ = ruby;
     Ok(())
 }
