@@ -14,6 +14,11 @@ module ThreadedProxy
                   :shutdown_timeout, :max_buffered_body, :allowed_hosts,
                   :pool_idle_timeout, :pool_max_idle_per_host, :logger
 
+    # true: plain-HTTP bodies of known length go socket to socket with
+    # splice(2) (Linux); false: always copied (the path other systems take);
+    # nil (default): true unless THREADED_PROXY_ZERO_COPY=0.
+    attr_accessor :zero_copy
+
     # proxy_async (deferred delivery): the queue, either an SQLite file
     # (async_queue_path, shared by the processes of a machine) or, when
     # async_queue_url is set, a PostgreSQL database ("postgres://…", shared
@@ -43,6 +48,7 @@ module ThreadedProxy
       @pool_idle_timeout = 60.0
       @pool_max_idle_per_host = 64
       @logger = nil
+      @zero_copy = nil
       @async_queue_path = "tmp/threaded_proxy_queue.sqlite3"
       @async_queue_url = nil
       @async_concurrency = 8
@@ -64,7 +70,8 @@ module ThreadedProxy
         runtime_threads: Integer(runtime_threads),
         callback_timeout: Float(callback_timeout),
         pool_idle_timeout: Float(pool_idle_timeout),
-        pool_max_idle_per_host: Integer(pool_max_idle_per_host)
+        pool_max_idle_per_host: Integer(pool_max_idle_per_host),
+        **(zero_copy.nil? ? {} : { zero_copy: })
       )
     end
 
@@ -81,6 +88,7 @@ module ThreadedProxy
       { connect_timeout:, header_timeout:, idle_timeout:, callback_timeout:, shutdown_timeout: }.each do |name, value|
         raise ArgumentError, "#{name} must be a positive number" unless value.is_a?(Numeric) && value.positive?
       end
+      raise ArgumentError, "zero_copy must be true, false or nil" unless [true, false, nil].include?(zero_copy)
       return if allowed_hosts.nil? || allowed_hosts.is_a?(Array)
 
       raise ArgumentError, "allowed_hosts must be nil or an Array of Strings and Regexps"

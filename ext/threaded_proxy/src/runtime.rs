@@ -32,6 +32,10 @@ pub struct Settings {
     pub max_connections: usize,
     /// Concurrent exchanges per origin (scheme, host, port).
     pub max_connections_per_origin: usize,
+    /// Plain-HTTP bodies of known length go socket to socket with splice(2)
+    /// (Linux). False forces the portable copy, the path every other OS
+    /// takes, so that path can be tested here. Applies to the next body.
+    pub zero_copy: bool,
 }
 
 impl Default for Settings {
@@ -43,8 +47,25 @@ impl Default for Settings {
             pool_max_idle_per_host: 64,
             max_connections: 8192,
             max_connections_per_origin: 8192,
+            zero_copy: zero_copy_default(),
         }
     }
+}
+
+/// THREADED_PROXY_ZERO_COPY=0 (or false, off, no) switches zero copy off for
+/// a whole process without a code change, e.g. for a CI run of the copy path.
+fn zero_copy_default() -> bool {
+    let value = std::env::var("THREADED_PROXY_ZERO_COPY").unwrap_or_default();
+    !matches!(
+        value.trim().to_ascii_lowercase().as_str(),
+        "0" | "false" | "off" | "no"
+    )
+}
+
+/// Whether splice(2) may be used for the next body (see [`Settings::zero_copy`]).
+pub fn zero_copy() -> bool {
+    let settings = SETTINGS.lock().unwrap_or_else(|e| e.into_inner());
+    settings.as_ref().map_or_else(zero_copy_default, |s| s.zero_copy)
 }
 
 static SETTINGS: Mutex<Option<Settings>> = Mutex::new(None);

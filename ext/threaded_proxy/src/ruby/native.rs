@@ -145,6 +145,7 @@ fn configure(ruby: &Ruby, options: RHash) -> Result<(), Error> {
             max_connections: opt(ruby, options, "max_connections")?.unwrap_or(defaults.max_connections),
             max_connections_per_origin: opt(ruby, options, "max_connections_per_origin")?
                 .unwrap_or(defaults.max_connections_per_origin),
+            zero_copy: opt(ruby, options, "zero_copy")?.unwrap_or(defaults.zero_copy),
         };
         runtime::configure(settings);
         Ok(())
