@@ -16,17 +16,31 @@ Gem::Specification.new do |spec|
     the response streams from the origin straight to the client.
   DESC
 
+  homepage = "https://github.com/threaded-proxy/threaded-proxy"
+  spec.homepage = homepage
+  spec.metadata = {
+    "homepage_uri" => homepage,
+    "source_code_uri" => homepage,
+    "changelog_uri" => "#{homepage}/blob/main/CHANGELOG.md"
+  }
+
   spec.required_ruby_version = ">= 3.1"
 
-  spec.files = Dir[
-    "lib/**/*.rb",
-    "ext/**/*.{rs,rb,toml}",
-    "Cargo.toml",
-    "Cargo.lock",
-    "README.md"
-  ]
+  # The source gem: the Ruby layer and the Rust crate alone (its own cargo
+  # workspace, with its Cargo.lock); `gem install` compiles it with cargo.
+  # `rake gem:native` builds the platform gem from this spec (no ext/, one
+  # library per Ruby ABI under lib/threaded_proxy/<major.minor>/).
+  spec.files = Dir.chdir(__dir__) do
+    Dir[
+      "lib/**/*.rb",
+      "ext/threaded_proxy/{Cargo.toml,Cargo.lock,extconf.rb}",
+      "ext/threaded_proxy/src/**/*.rs",
+      "README.md",
+      "CHANGELOG.md"
+    ].sort
+  end
   spec.require_paths = ["lib"]
   spec.extensions = ["ext/threaded_proxy/extconf.rb"]
 
-  spec.add_dependency "rack", ">= 2.2"
+  spec.add_dependency "rack", ">= 2.2", "< 4"
 end

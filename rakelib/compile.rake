@@ -15,9 +15,12 @@ task :compile do
   end
 end
 
-desc "cargo fmt --check, clippy -D warnings (with and without the Ruby bindings)"
+desc "cargo fmt --check, clippy -D warnings (the gem's crate with and without the Ruby bindings, the bench tools)"
 task :lint do
+  crate = "--manifest-path ext/threaded_proxy/Cargo.toml"
+  sh "cargo fmt --all #{crate} -- --check"
   sh "cargo fmt --all -- --check"
+  sh "cargo clippy #{crate} --all-targets -- -D warnings"
+  sh({ "RUBY" => RbConfig.ruby }, "cargo clippy #{crate} --features ruby --all-targets -- -D warnings")
   sh "cargo clippy --workspace --all-targets -- -D warnings"
-  sh({ "RUBY" => RbConfig.ruby }, "cargo clippy -p threaded_proxy --features ruby --all-targets -- -D warnings")
 end

@@ -1,7 +1,8 @@
 # frozen_string_literal: true
 
-desc "Rust unit tests (no Ruby needed)"
+desc "Rust unit tests (no Ruby needed): the gem's crate, then the bench tools"
 task :cargo_test do
+  sh "cargo test --manifest-path ext/threaded_proxy/Cargo.toml"
   sh "cargo test --workspace"
 end
 

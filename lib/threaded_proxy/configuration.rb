@@ -26,6 +26,10 @@ module ThreadedProxy
     # latency histograms get their own host label; any other origin is
     # "other", so URLs built from user input cannot multiply the series.
     attr_accessor :metrics_hosts
+    # true: plain-HTTP bodies of known length go socket to socket with
+    # splice(2) (Linux); false: always copied (the path other systems take);
+    # nil (default): true unless THREADED_PROXY_ZERO_COPY=0.
+    attr_accessor :zero_copy
 
     # proxy_async (deferred delivery): the queue, either an SQLite file
     # (async_queue_path, shared by the processes of a machine) or, when
@@ -58,6 +62,7 @@ module ThreadedProxy
       @pool_max_idle_per_host = 64
       @logger = nil
       @metrics_hosts = []
+      @zero_copy = nil
       @async_queue_path = "tmp/threaded_proxy_queue.sqlite3"
       @async_queue_url = nil
       @async_concurrency = 8
@@ -81,7 +86,8 @@ module ThreadedProxy
         runtime_threads: Integer(runtime_threads),
         callback_timeout: Float(callback_timeout),
         pool_idle_timeout: Float(pool_idle_timeout),
-        pool_max_idle_per_host: Integer(pool_max_idle_per_host)
+        pool_max_idle_per_host: Integer(pool_max_idle_per_host),
+        **(zero_copy.nil? ? {} : { zero_copy: })
       )
     end
 
@@ -102,6 +108,7 @@ module ThreadedProxy
              (metrics_hosts.is_a?(Array) && metrics_hosts.all? { |h| h.is_a?(String) || h.is_a?(Symbol) })
         raise ArgumentError, "metrics_hosts must be an Array of host names"
       end
+      raise ArgumentError, "zero_copy must be true, false or nil" unless [true, false, nil].include?(zero_copy)
       return if allowed_hosts.nil? || allowed_hosts.is_a?(Array)
 
       raise ArgumentError, "allowed_hosts must be nil or an Array of Strings and Regexps"

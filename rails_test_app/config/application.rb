@@ -38,7 +38,8 @@ module RailsTestApp
       end
     end
     ENV.each do |name, value|
-      next unless (setting = name[/\ATHREADED_PROXY_(?!START\z)(\w+)\z/, 1])
+      # THREADED_PROXY_ZERO_COPY is read by the gem itself (the Rust settings).
+      next unless (setting = name[/\ATHREADED_PROXY_(?!START\z|ZERO_COPY\z)(\w+)\z/, 1])
 
       config.threaded_proxy[setting.downcase] = setting_value.call(value)
     end

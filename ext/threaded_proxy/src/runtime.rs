@@ -42,6 +42,10 @@ pub struct Settings {
     /// Origin hosts (`host` or `host:port`) that get their own label in the
     /// latency histograms; every other is "other".
     pub metrics_hosts: Vec<String>,
+    /// Plain-HTTP bodies of known length go socket to socket with splice(2)
+    /// (Linux). False forces the portable copy, the path every other OS
+    /// takes, so that path can be tested here. Applies to the next body.
+    pub zero_copy: bool,
 }
 
 impl Default for Settings {
@@ -55,8 +59,25 @@ impl Default for Settings {
             max_connections_per_origin: 8192,
             fd_budget: crate::limits::default_fd_budget(crate::limits::soft_fd_limit()),
             metrics_hosts: Vec::new(),
+            zero_copy: zero_copy_default(),
         }
     }
+}
+
+/// THREADED_PROXY_ZERO_COPY=0 (or false, off, no) switches zero copy off for
+/// a whole process without a code change, e.g. for a CI run of the copy path.
+fn zero_copy_default() -> bool {
+    let value = std::env::var("THREADED_PROXY_ZERO_COPY").unwrap_or_default();
+    !matches!(
+        value.trim().to_ascii_lowercase().as_str(),
+        "0" | "false" | "off" | "no"
+    )
+}
+
+/// Whether splice(2) may be used for the next body (see [`Settings::zero_copy`]).
+pub fn zero_copy() -> bool {
+    let settings = SETTINGS.lock().unwrap_or_else(|e| e.into_inner());
+    settings.as_ref().map_or_else(zero_copy_default, |s| s.zero_copy)
 }
 
 static SETTINGS: Mutex<Option<Settings>> = Mutex::new(None);

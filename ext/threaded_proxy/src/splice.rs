@@ -2,22 +2,34 @@
 //! client socket with splice(2): the bytes pass through a pipe inside the
 //! kernel and never into user space. Only a body the proxy relays unchanged
 //! qualifies (known length, no re-framing, no TLS on either side).
+//!
+//! splice(2) and pipe sizing exist on Linux only. Elsewhere, and on Linux
+//! when zero copy is switched off (`zero_copy = false`, or
+//! THREADED_PROXY_ZERO_COPY=0: see `runtime::Settings`), `Splicer::new`
+//! refuses and the exchange copies the body, the same path either way, so the
+//! path a Mac takes is the one CI runs with the switch.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
+#[cfg(target_os = "linux")]
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
+#[cfg(target_os = "linux")]
 use tokio::io::unix::AsyncFd;
+#[cfg(target_os = "linux")]
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use crate::errors::ProxyError;
+#[cfg(target_os = "linux")]
 use crate::handoff;
 
 /// Bodies below this size are copied: a pipe and a second registration of
 /// the client socket cost more than copying a few pages.
 pub const MIN_BODY: u64 = 128 * 1024;
 /// Asked of the kernel per pipe (it may give less; the default is 64 KiB).
+#[cfg(target_os = "linux")]
 const PIPE_SIZE: i32 = 1024 * 1024;
 
 /// How a splice stopped early.
@@ -58,6 +70,7 @@ impl SpliceEnd {
 
 /// A pipe and a writable-readiness registration of the client socket, for
 /// one body.
+#[cfg(target_os = "linux")]
 pub struct Splicer {
     pipe_read: OwnedFd,
     pipe_write: OwnedFd,
@@ -68,10 +81,14 @@ pub struct Splicer {
     client: AsyncFd<OwnedFd>,
 }
 
+#[cfg(target_os = "linux")]
 impl Splicer {
-    /// Fails (and the body is copied instead) when no descriptor is left
-    /// for the pipe.
+    /// Fails (and the body is copied instead) when zero copy is switched
+    /// off or no descriptor is left for the pipe.
     pub fn new(client_fd: RawFd) -> io::Result<Splicer> {
+        if !crate::runtime::zero_copy() {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
         let mut fds = [0; 2];
         // SAFETY: pipe2 writes two descriptors into the array it is given.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
@@ -174,6 +191,7 @@ impl Splicer {
     }
 }
 
+#[cfg(target_os = "linux")]
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: both descriptors are open for the call's duration (owned by
     // the caller's borrowed values); null offsets mean "the file position",
@@ -192,5 +210,37 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
+    }
+}
+
+/// Without splice(2) there is never a splicer: `new` refuses, so every body
+/// is copied, and `copy` cannot be reached (no value of this type exists).
+#[cfg(not(target_os = "linux"))]
+pub struct Splicer(std::convert::Infallible);
+
+#[cfg(not(target_os = "linux"))]
+impl Splicer {
+    pub fn new(_client_fd: RawFd) -> io::Result<Splicer> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    pub async fn copy(
+        &self,
+        _origin: &TcpStream,
+        _length: u64,
+        _idle: Duration,
+        _moved: &mut (dyn FnMut(u64) + Send),
+    ) -> Result<(), SpliceEnd> {
+        match self.0 {}
+    }
+}
+
+/// Like the Linux splicer's pipe, released when the exchange drops it (a
+/// no-op here: no value exists); keeps the exchange's `drop(splicer)` the
+/// same on every system.
+#[cfg(not(target_os = "linux"))]
+impl Drop for Splicer {
+    fn drop(&mut self) {
+        match self.0 {}
     }
 }

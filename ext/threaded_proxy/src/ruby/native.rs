@@ -223,6 +223,7 @@ fn configure(ruby: &Ruby, options: RHash) -> Result<(), Error> {
                 .unwrap_or(defaults.max_connections_per_origin),
             fd_budget: opt(ruby, options, "fd_budget")?.unwrap_or(defaults.fd_budget),
             metrics_hosts: opt(ruby, options, "metrics_hosts")?.unwrap_or(defaults.metrics_hosts),
+            zero_copy: opt(ruby, options, "zero_copy")?.unwrap_or(defaults.zero_copy),
         };
         runtime::configure(settings);
         Ok(())
