@@ -13,6 +13,11 @@ module WebSocketPeers
     data.is_a?(Array) || data.encoding == Encoding::BINARY
   end
 
+  # A binary message as an Array of bytes (on either version); text as is.
+  def self.as_bytes(data)
+    data.is_a?(String) && binary?(data) ? data.bytes : data
+  end
+
   # A queue whose pop can time out (Ruby 3.1's Queue#pop cannot).
   class TimedQueue
     def initialize
@@ -139,7 +144,7 @@ module WebSocketPeers
       @events = TimedQueue.new
       @driver = WebSocket::Driver.client(Connection.new(@socket, url.sub(/\Ahttp/, "ws")))
       @driver.on(:open) { @events << [:open] }
-      @driver.on(:message) { |e| @events << [:message, WebSocketPeers.binary?(e.data) ? e.data.bytes : e.data] }
+      @driver.on(:message) { |e| @events << [:message, WebSocketPeers.as_bytes(e.data)] }
       @driver.on(:close) { |e| @events << [:close, e.code, e.reason] }
       @driver.start
       @reader = Thread.new do
