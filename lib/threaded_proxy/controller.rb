@@ -39,7 +39,7 @@ module ThreadedProxy
 
     def apply_threaded_proxy_response(rack_response)
       status, headers, body = rack_response
-      if rack_response.equal?(Exchange::HIJACKED)
+      if Exchange.hijacked?(rack_response)
         # The socket is gone; Puma ignores this answer. Rails still wants one.
         self.status = status
         self.response_body = []

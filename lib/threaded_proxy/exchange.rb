@@ -6,8 +6,21 @@ module ThreadedProxy
   # One proxy_fetch call on the Ruby side: checks the arguments, gathers the
   # request, takes the client socket and hands everything to Rust.
   class Exchange
-    # What the app returns once the socket was hijacked (the server ignores it).
-    HIJACKED = [200, {}.freeze, [].freeze].freeze
+    # The body of the answer returned once the socket was hijacked; how the
+    # controller recognises that answer (Exchange.hijacked?).
+    HIJACKED_BODY = [].freeze
+
+    # What the app returns once the socket was hijacked (the server ignores
+    # it): a fresh array and headers Hash each time, since Rack 3's Lint
+    # rejects a frozen response and middleware may write into the headers.
+    def self.hijacked_response = [200, {}, HIJACKED_BODY]
+
+    def self.hijacked?(rack_response) = rack_response[2].equal?(HIJACKED_BODY)
+
+    # Puma before 6 reports SERVER_PROTOCOL as "HTTP/1.1" whatever the client
+    # sent; its parser puts the request line's version in HTTP_VERSION, ahead
+    # of any client `Version:` header (appended after ", ").
+    SERVER_PROTOCOL_UNTRUE = /\Apuma [0-5]\./i.freeze
 
     # Client headers that are not the client's to forward.
     NOT_FORWARDED = %w[host version content-length].freeze
@@ -61,7 +74,7 @@ module ThreadedProxy
       ensure
         io.close
       end
-      HIJACKED
+      Exchange.hijacked_response
     end
 
     # Servers without hijack (rack-test, WEBrick, Puma over TLS): Rust writes
@@ -150,9 +163,7 @@ module ThreadedProxy
         url: @options.url,
         headers: request_headers(body),
         client_head: @env["REQUEST_METHOD"] == "HEAD",
-        # Puma puts the request's version in HTTP_VERSION; its
-        # SERVER_PROTOCOL is always "HTTP/1.1".
-        client_http10: (@env["HTTP_VERSION"] || @env["SERVER_PROTOCOL"]) == "HTTP/1.0",
+        client_http10: request_line_version == "HTTP/1.0",
         on_headers: !@config[:on_headers].nil?,
         on_response: !@config[:on_response].nil?,
         on_error: !@config[:on_error].nil?,
@@ -164,6 +175,17 @@ module ThreadedProxy
         ca_file: @options.ca_file,
         max_buffered_body: @options.max_buffered_body
       }.merge(body).merge(upgrade_spec)
+    end
+
+    # The HTTP version of the request line, from a source the client cannot
+    # forge: SERVER_PROTOCOL (Rack's SPEC; Puma 6+ sets it from the request
+    # line), but on Puma 5 the first value of HTTP_VERSION. Never HTTP_VERSION
+    # alone: Puma 7+ under Rack >= 3.1 no longer sets it, so a client's
+    # `Version: HTTP/1.0` header would fill it.
+    def request_line_version
+      return @env["SERVER_PROTOCOL"] unless SERVER_PROTOCOL_UNTRUE.match?(@env["SERVER_SOFTWARE"].to_s)
+
+      @env["HTTP_VERSION"].to_s.split(",", 2).first.to_s.strip
     end
 
     # The protocol the client asked to switch to, if it did (Upgrade plus

@@ -13,3 +13,8 @@ workers Integer(ENV.fetch("WEB_CONCURRENCY", "0"))
 preload_app!(ENV["PUMA_PRELOAD"] == "1")
 
 environment ENV.fetch("RAILS_ENV", "development")
+
+# Puma 6+ answers methods outside its default list (CONNECT among them) with
+# 501 before the app runs: proxy_tunnel's CONNECT needs them let through.
+# Puma 5.6 has no such check (nor the setting).
+supported_http_methods :any if respond_to?(:supported_http_methods)

@@ -5,6 +5,19 @@ require "websocket/driver"
 
 # A real WebSocket origin and client (websocket-driver) for the tunnel specs.
 module WebSocketPeers
+  # Whether a received message was a binary frame: websocket-driver 0.6
+  # gives those as Arrays of bytes, 0.8 as BINARY-encoded Strings (text
+  # frames are UTF-8 Strings on both). The client reports them as byte
+  # Arrays on both.
+  def self.binary?(data)
+    data.is_a?(Array) || data.encoding == Encoding::BINARY
+  end
+
+  # A binary message as an Array of bytes (on either version); text as is.
+  def self.as_bytes(data)
+    data.is_a?(String) && binary?(data) ? data.bytes : data
+  end
+
   # A queue whose pop can time out (Ruby 3.1's Queue#pop cannot).
   class TimedQueue
     def initialize
@@ -102,7 +115,7 @@ module WebSocketPeers
       driver.on(:message) do |event|
         if event.data == "close-me"
           driver.close("origin says bye", 1000)
-        elsif event.data.is_a?(Array)
+        elsif WebSocketPeers.binary?(event.data)
           driver.binary(event.data)
         else
           driver.text(event.data)
@@ -131,7 +144,7 @@ module WebSocketPeers
       @events = TimedQueue.new
       @driver = WebSocket::Driver.client(Connection.new(@socket, url.sub(/\Ahttp/, "ws")))
       @driver.on(:open) { @events << [:open] }
-      @driver.on(:message) { |e| @events << [:message, e.data] }
+      @driver.on(:message) { |e| @events << [:message, WebSocketPeers.as_bytes(e.data)] }
       @driver.on(:close) { |e| @events << [:close, e.code, e.reason] }
       @driver.start
       @reader = Thread.new do
