@@ -25,13 +25,12 @@ use crate::callbacks::{
 use crate::errors::{ErrorReport, ProxyError};
 use crate::handoff::{self, ClientSocket};
 use crate::headers::{self, ClientRequest, Framing, HeaderList};
-use crate::http1_origin::{self, PlainBody};
 use crate::limits::{self, Permit};
+use crate::origin::{self, http1, BodySource, BoxError, OriginBody, PlainBody, TlsSettings};
 use crate::relay::{self, ClientWriter};
 use crate::runtime::Proxy;
 use crate::splice;
 use crate::tunnel::{self, TunnelCounts, TunnelEnd};
-use crate::upstream::{self, BodySource, BoxError, OriginBody, TlsSettings};
 
 /// What the origin answered: a body to relay, or hyper's 101 to upgrade.
 enum OriginResponse {
@@ -429,7 +428,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
             phase: "waiting for the response headers",
         };
         let spec = &self.spec;
-        if http1_origin::serves(
+        if http1::serves(
             &spec.url,
             &spec.method,
             !spec.body.is_empty(),
@@ -437,7 +436,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         ) {
             // Fields, not the spec: its body source is not Sync.
             let (url, method, headers, timeouts) = (&spec.url, &spec.method, &spec.headers, spec.timeouts);
-            let send = proxy.upstream.http1.send(url, method, headers, timeouts.connect);
+            let send = proxy.origin.http1.send(url, method, headers, timeouts.connect);
             let (head, body) = match tokio::time::timeout(timeouts.header, send).await {
                 Err(_) => return Err(timed_out(url)),
                 Ok(result) => result?,
@@ -446,12 +445,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
             return Ok((head.status, head.reason, head.headers, body));
         }
         let client = proxy
-            .upstream
+            .origin
+            .hyper
             .client(&spec.tls, spec.timeouts.connect, &spec.url)?;
         // One time-to-headers budget for every try.
         let deadline = tokio::time::Instant::now() + spec.timeouts.header;
         let mut body = Some(std::mem::replace(&mut self.spec.body, BodySource::Empty));
-        let mut retries = upstream::REFUSED_RETRIES;
+        let mut retries = origin::hyper_client::REFUSED_RETRIES;
         let response = loop {
             let this_try = body.take().unwrap_or(BodySource::Empty);
             // Kept for a retry; None when the body cannot be sent twice.
@@ -462,10 +462,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
                 Ok(Ok(response)) => break response,
                 // An HTTP/2 origin refused it unprocessed (GOAWAY while
                 // retiring the connection, REFUSED_STREAM): not a 502.
-                Ok(Err(e)) if retries > 0 && body.is_some() && upstream::refused_unprocessed(&e) => {
+                Ok(Err(e)) if retries > 0 && body.is_some() && origin::error::refused_unprocessed(&e) => {
                     retries -= 1;
                 }
-                Ok(Err(e)) => return Err(upstream::classify(&e, &self.spec.url)),
+                Ok(Err(e)) => return Err(origin::error::classify(&e, &self.spec.url)),
             }
         };
         let status = response.status();
@@ -479,7 +479,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         }
         if status == http::StatusCode::SWITCHING_PROTOCOLS {
             if self.spec.upgrade.is_none() {
-                // The gem's own client refuses it too (http1_origin).
+                // The gem's own client refuses it too (origin::http1).
                 return Err(ProxyError::Upstream {
                     url: self.spec.url.clone(),
                     message: "101 Switching Protocols without an upgrade request".to_owned(),
@@ -712,7 +712,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         }
     }
 
-    fn build_request(&self, body: BodySource) -> Result<Request<upstream::RequestBody>, ProxyError> {
+    fn build_request(&self, body: BodySource) -> Result<Request<origin::RequestBody>, ProxyError> {
         let mut builder = Request::builder()
             .method(self.spec.method.clone())
             .uri(&self.spec.url);
@@ -915,7 +915,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
                     let e: BoxError = e.into();
                     return Err(ProxyError::Upstream {
                         url: self.spec.url.clone(),
-                        message: upstream::error_chain(e.as_ref()),
+                        message: origin::error::error_chain(e.as_ref()),
                         errno: None,
                     });
                 }

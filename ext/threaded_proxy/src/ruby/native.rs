@@ -15,9 +15,9 @@ use crate::exchange::{self, CallbackSet, ExchangeSpec, Timeouts, TunnelTarget};
 use crate::handoff;
 use crate::headers::ClientRequest;
 use crate::metrics::{Metrics, Value as Metric};
+use crate::origin::{BodySource, TlsSettings};
 use crate::origin_url::{self, Kind};
 use crate::runtime::{self, Settings};
-use crate::upstream::{BodySource, TlsSettings};
 
 fn key<T: TryConvert>(ruby: &Ruby, hash: RHash, name: &str) -> Result<T, Error> {
     hash.fetch::<Symbol, T>(ruby.to_symbol(name))

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use threaded_proxy::exchange::{CallbackSet, ExchangeSpec, Timeouts};
 use threaded_proxy::headers::ClientRequest;
-use threaded_proxy::upstream::{BodySource, TlsSettings};
+use threaded_proxy::origin::{BodySource, TlsSettings};
 
 /// A GET of `url` for an HTTP/1.1 client: no headers, no callbacks,
 /// 2 s to connect, 5 s for the head and between reads.
