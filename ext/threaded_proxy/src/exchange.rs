@@ -12,7 +12,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::{Method, Request};
+use http::Method;
 use http_body::Body;
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
@@ -26,17 +26,11 @@ use crate::errors::{ErrorReport, ProxyError};
 use crate::handoff::{self, ClientSocket};
 use crate::headers::{self, ClientRequest, Framing, HeaderList};
 use crate::limits::{self, Permit};
-use crate::origin::{self, http1, BodySource, BoxError, OriginBody, PlainBody, TlsSettings};
+use crate::origin::{self, BodySource, BoxError, OriginBody, PlainBody, TlsSettings};
 use crate::relay::{self, ClientWriter};
 use crate::runtime::Proxy;
 use crate::splice;
 use crate::tunnel::{self, TunnelCounts, TunnelEnd};
-
-/// What the origin answered: a body to relay, or hyper's 101 to upgrade.
-enum OriginResponse {
-    Body(OriginBody),
-    Switching(http::Response<hyper::body::Incoming>),
-}
 
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -364,12 +358,18 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         if let Some(target) = self.spec.tunnel.clone() {
             return self.raw_tunnel(target).await;
         }
-        let (status, reason, origin_headers, body) = self.send_request().await.map_err(fds_exhausted)?;
+        let response = self.send_request().await.map_err(fds_exhausted)?;
         self.time_to_first_byte = Some(self.started.elapsed());
-        let body = match body {
-            OriginResponse::Switching(response) => return self.switch_protocols(response).await,
-            OriginResponse::Body(body) => body,
-        };
+        let origin::Response {
+            status,
+            reason,
+            headers: origin_headers,
+            body,
+            upgrade,
+        } = response;
+        if let Some(upgrade) = upgrade {
+            return self.switch_protocols(origin_headers, upgrade).await;
+        }
         if headers::ambiguous_framing(&origin_headers) {
             return Err(ProxyError::Upstream {
                 url: self.spec.url.clone(),
@@ -417,89 +417,20 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         self.relay_origin(head, body, body_length, head_length).await
     }
 
-    /// Sends the request: plain-http bodiless requests on the gem's own
-    /// HTTP/1.1 connection, everything else through hyper.
-    async fn send_request(
-        &mut self,
-    ) -> Result<(http::StatusCode, Option<String>, http::HeaderMap, OriginResponse), ProxyError> {
-        let proxy = self.proxy;
-        let timed_out = |url: &str| ProxyError::Timeout {
-            url: url.to_owned(),
-            phase: "waiting for the response headers",
-        };
+    /// Sends the request (`origin::Clients::send` picks the client).
+    async fn send_request(&mut self) -> Result<origin::Response, ProxyError> {
+        let body = std::mem::replace(&mut self.spec.body, BodySource::Empty);
         let spec = &self.spec;
-        if http1::serves(
-            &spec.url,
-            &spec.method,
-            !spec.body.is_empty(),
-            spec.upgrade.is_some(),
-        ) {
-            // Fields, not the spec: its body source is not Sync.
-            let (url, method, headers, timeouts) = (&spec.url, &spec.method, &spec.headers, spec.timeouts);
-            let send = proxy.origin.http1.send(url, method, headers, timeouts.connect);
-            let (head, body) = match tokio::time::timeout(timeouts.header, send).await {
-                Err(_) => return Err(timed_out(url)),
-                Ok(result) => result?,
-            };
-            let body = OriginResponse::Body(OriginBody::Plain(body));
-            return Ok((head.status, head.reason, head.headers, body));
-        }
-        let client = proxy
-            .origin
-            .hyper
-            .client(&spec.tls, spec.timeouts.connect, &spec.url)?;
-        // One time-to-headers budget for every try.
-        let deadline = tokio::time::Instant::now() + spec.timeouts.header;
-        let mut body = Some(std::mem::replace(&mut self.spec.body, BodySource::Empty));
-        let mut retries = origin::hyper_client::REFUSED_RETRIES;
-        let response = loop {
-            let this_try = body.take().unwrap_or(BodySource::Empty);
-            // Kept for a retry; None when the body cannot be sent twice.
-            body = this_try.try_clone();
-            let request = self.build_request(this_try)?;
-            match tokio::time::timeout_at(deadline, client.request(request)).await {
-                Err(_) => return Err(timed_out(&self.spec.url)),
-                Ok(Ok(response)) => break response,
-                // An HTTP/2 origin refused it unprocessed (GOAWAY while
-                // retiring the connection, REFUSED_STREAM): not a 502.
-                Ok(Err(e)) if retries > 0 && body.is_some() && origin::error::refused_unprocessed(&e) => {
-                    retries -= 1;
-                }
-                Ok(Err(e)) => return Err(origin::error::classify(&e, &self.spec.url)),
-            }
+        let request = origin::Request {
+            url: &spec.url,
+            method: &spec.method,
+            headers: &spec.headers,
+            upgrade: spec.upgrade.as_ref(),
+            tls: &spec.tls,
+            connect_timeout: spec.timeouts.connect,
+            header_timeout: spec.timeouts.header,
         };
-        let status = response.status();
-        if status.as_u16() > 599 {
-            // hyper takes up to 999; the gem's own client refuses these too.
-            return Err(ProxyError::Upstream {
-                url: self.spec.url.clone(),
-                message: format!("invalid status code {}", status.as_u16()),
-                errno: None,
-            });
-        }
-        if status == http::StatusCode::SWITCHING_PROTOCOLS {
-            if self.spec.upgrade.is_none() {
-                // The gem's own client refuses it too (origin::http1).
-                return Err(ProxyError::Upstream {
-                    url: self.spec.url.clone(),
-                    message: "101 Switching Protocols without an upgrade request".to_owned(),
-                    errno: None,
-                });
-            }
-            let headers = response.headers().clone();
-            return Ok((status, None, headers, OriginResponse::Switching(response)));
-        }
-        let (parts, body) = response.into_parts();
-        let reason = parts
-            .extensions
-            .get::<hyper::ext::ReasonPhrase>()
-            .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned());
-        Ok((
-            parts.status,
-            reason,
-            parts.headers,
-            OriginResponse::Body(OriginBody::Hyper(body)),
-        ))
+        self.proxy.origin.send(&request, body).await
     }
 
     /// A plain-http origin body: spliced from socket to socket when it is
@@ -574,18 +505,17 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
     /// on_headers), then copy bytes both ways.
     async fn switch_protocols(
         &mut self,
-        mut response: http::Response<hyper::body::Incoming>,
+        origin_headers: http::HeaderMap,
+        upgrade: hyper::upgrade::OnUpgrade,
     ) -> Result<(), ProxyError> {
-        let protocol = response
-            .headers()
+        let protocol = origin_headers
             .get(http::header::UPGRADE)
             .map(|v| Bytes::copy_from_slice(v.as_bytes()))
             .or_else(|| self.spec.upgrade.clone());
-        let upgrade = hyper::upgrade::on(&mut response);
         let mut head = ResponseHead {
             status: 101,
             reason: None,
-            headers: headers::end_to_end(response.headers()),
+            headers: headers::end_to_end(&origin_headers),
         };
         if self.spec.callbacks.on_headers {
             let event = CallbackEvent::Headers(head);
@@ -710,32 +640,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
             url: self.spec.url.clone(),
             message,
         }
-    }
-
-    fn build_request(&self, body: BodySource) -> Result<Request<origin::RequestBody>, ProxyError> {
-        let mut builder = Request::builder()
-            .method(self.spec.method.clone())
-            .uri(&self.spec.url);
-        let to_origin =
-            headers::to_origin(&self.spec.headers).map_err(|message| ProxyError::InvalidHeader {
-                url: self.spec.url.clone(),
-                message,
-            })?;
-        for (name, value) in to_origin {
-            builder = builder.header(name.as_str(), value.as_ref());
-        }
-        if let Some(protocol) = &self.spec.upgrade {
-            builder = builder
-                .header(http::header::UPGRADE, protocol.as_ref())
-                .header(http::header::CONNECTION, "upgrade");
-        }
-        let body = body.into_body().map_err(|e| ProxyError::Internal {
-            message: format!("cannot read the request body: {e}"),
-        })?;
-        builder.body(body).map_err(|e| ProxyError::InvalidHeader {
-            url: self.spec.url.clone(),
-            message: e.to_string(),
-        })
     }
 
     fn validate_head(&self, headers: &HeaderList) -> Result<(), ProxyError> {

@@ -80,3 +80,11 @@ pub fn error_chain(err: &(dyn StdError + 'static)) -> String {
     }
     parts.join(": ")
 }
+
+/// No response head within the header timeout (either client).
+pub fn waiting_for_headers(url: &str) -> ProxyError {
+    ProxyError::Timeout {
+        url: url.to_owned(),
+        phase: "waiting for the response headers",
+    }
+}

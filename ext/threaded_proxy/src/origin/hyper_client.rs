@@ -10,7 +10,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use super::body::RequestBody;
+use super::body::{BodySource, RequestBody};
+use super::error::{classify, refused_unprocessed, waiting_for_headers};
+use super::request::Request;
 use super::tls::{tls_config, TlsSettings};
 use crate::errors::ProxyError;
 
@@ -38,6 +40,36 @@ impl HyperClients {
             clients: Mutex::new(HashMap::new()),
             pool_idle_timeout,
             pool_max_idle_per_host,
+        }
+    }
+
+    /// Sends `request` with `body` and waits for the response head, within
+    /// the request's header timeout for all tries together. A request an
+    /// HTTP/2 origin refused unprocessed (GOAWAY while retiring the
+    /// connection, REFUSED_STREAM) goes again, up to `REFUSED_RETRIES`
+    /// times, when its body can be sent twice: not a 502.
+    pub async fn send(
+        &self,
+        request: &Request<'_>,
+        body: BodySource,
+    ) -> Result<http::Response<hyper::body::Incoming>, ProxyError> {
+        let client = self.client(request.tls, request.connect_timeout, request.url)?;
+        let deadline = tokio::time::Instant::now() + request.header_timeout;
+        let mut body = Some(body);
+        let mut retries = REFUSED_RETRIES;
+        loop {
+            let this_try = body.take().unwrap_or(BodySource::Empty);
+            // Kept for a retry; None when the body cannot be sent twice.
+            body = this_try.try_clone();
+            let hyper_request = request.to_hyper(this_try)?;
+            match tokio::time::timeout_at(deadline, client.request(hyper_request)).await {
+                Err(_) => return Err(waiting_for_headers(request.url)),
+                Ok(Ok(response)) => return Ok(response),
+                Ok(Err(e)) if retries > 0 && body.is_some() && refused_unprocessed(&e) => {
+                    retries -= 1;
+                }
+                Ok(Err(e)) => return Err(classify(&e, request.url)),
+            }
         }
     }
 
