@@ -27,6 +27,7 @@ use crate::handoff::{self, ClientSocket};
 use crate::headers::{self, ClientRequest, Framing, HeaderList};
 use crate::limits::{self, Permit};
 use crate::origin::{self, BodySource, BoxError, OriginBody, PlainBody, TlsSettings};
+use crate::origin_url::Target;
 use crate::relay::{self, ClientWriter};
 use crate::runtime::Proxy;
 use crate::splice;
@@ -58,7 +59,8 @@ pub struct CallbackSet {
 pub struct ExchangeSpec {
     pub id: u64,
     pub method: Method,
-    pub url: String,
+    /// The origin URL, checked and parsed once (`origin_url::check`).
+    pub target: Target,
     pub headers: HeaderList,
     pub body: BodySource,
     pub client: ClientRequest,
@@ -69,15 +71,13 @@ pub struct ExchangeSpec {
     /// The client's Upgrade header when it asked to switch protocols: it
     /// goes to the origin, and the origin's 101 starts a tunnel.
     pub upgrade: Option<Bytes>,
-    /// `proxy_tunnel`: join the client to a raw TCP service instead of
-    /// fetching `url`.
+    /// `proxy_tunnel`: join the client to the raw TCP service `target`
+    /// names (`tcp://host:port`) instead of fetching it.
     pub tunnel: Option<TunnelTarget>,
 }
 
 #[derive(Debug, Clone)]
 pub struct TunnelTarget {
-    /// "host:port" of the TCP service.
-    pub address: String,
     /// The protocol to name in a 101 answer; None answers 200 (CONNECT).
     pub upgrade: Option<Bytes>,
 }
@@ -121,17 +121,17 @@ pub fn exchange_fds(spec: &ExchangeSpec) -> usize {
 pub fn admit(proxy: &'static Proxy, spec: &ExchangeSpec) -> Result<Permit<'static>, ProxyError> {
     if !proxy.accepting() {
         return Err(ProxyError::Overload {
-            url: spec.url.clone(),
+            url: spec.target.url.clone(),
             message: "shutting down".to_owned(),
         });
     }
     proxy
         .limits
-        .try_acquire(&origin_key(&spec.url), exchange_fds(spec))
+        .try_acquire(&spec.target.origin_key, exchange_fds(spec))
         .map_err(|message| {
             proxy.stats.rejected.fetch_add(1, Relaxed);
             ProxyError::Overload {
-                url: spec.url.clone(),
+                url: spec.target.url.clone(),
                 message: message.to_owned(),
             }
         })
@@ -181,7 +181,7 @@ async fn run(proxy: &'static Proxy, spec: ExchangeSpec, client: OwnedFd, permit:
         Err(e) => {
             let summary = Summary {
                 method: spec.method.to_string(),
-                url: spec.url.clone(),
+                url: spec.target.url.clone(),
                 status: None,
                 head: None,
                 bytes_from_origin: 0,
@@ -191,7 +191,7 @@ async fn run(proxy: &'static Proxy, spec: ExchangeSpec, client: OwnedFd, permit:
                 total_time: started.elapsed(),
                 error: Some(ErrorReport::from(&ProxyError::client(&e))),
             };
-            proxy.metrics.observe(&summary.url, None, summary.total_time);
+            proxy.metrics.observe(&spec.target, None, summary.total_time);
             Some((spec.id, spec.callbacks.finished, summary))
         }
     };
@@ -270,7 +270,7 @@ where
     let spec = &exchange.spec;
     let summary = Summary {
         method: spec.method.to_string(),
-        url: spec.url.clone(),
+        url: spec.target.url.clone(),
         status: exchange.status,
         head: exchange.sent_head.take(),
         bytes_from_origin: exchange.bytes_from_origin,
@@ -282,7 +282,7 @@ where
     };
     proxy
         .metrics
-        .observe(&summary.url, summary.time_to_first_byte, summary.total_time);
+        .observe(&spec.target, summary.time_to_first_byte, summary.total_time);
     // Reported before the drain: the last byte is already out, and
     // on_complete should not wait for a client that is slow to close.
     report(proxy, spec.id, spec.callbacks.finished, summary);
@@ -328,7 +328,7 @@ struct Exchange<R, W> {
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
     fn url(&self) -> &str {
-        &self.spec.url
+        &self.spec.target.url
     }
 
     /// Runs the exchange; on a failure before the head went out, answers
@@ -372,14 +372,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         }
         if headers::ambiguous_framing(&origin_headers) {
             return Err(ProxyError::Upstream {
-                url: self.spec.url.clone(),
+                url: self.spec.target.url.clone(),
                 message: "response has both Content-Length and Transfer-Encoding".to_owned(),
                 errno: None,
             });
         }
         if headers::unsupported_transfer_coding(&origin_headers) {
             return Err(ProxyError::Upstream {
-                url: self.spec.url.clone(),
+                url: self.spec.target.url.clone(),
                 message: "response has a transfer coding other than a lone chunked".to_owned(),
                 errno: None,
             });
@@ -422,7 +422,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         let body = std::mem::replace(&mut self.spec.body, BodySource::Empty);
         let spec = &self.spec;
         let request = origin::Request {
-            url: &spec.url,
+            target: &spec.target,
             method: &spec.method,
             headers: &spec.headers,
             upgrade: spec.upgrade.as_ref(),
@@ -496,7 +496,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         self.writer.add_body_written(spliced);
         drop(splicer);
         self.release_splice_fds();
-        copied.map_err(|end| end.into_error(&self.spec.url, self.spec.timeouts.idle))?;
+        copied.map_err(|end| end.into_error(&self.spec.target.url, self.spec.timeouts.idle))?;
         body.spliced_to_end();
         self.finish().await
     }
@@ -531,14 +531,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
             Ok(Ok(upgraded)) => upgraded,
             Ok(Err(e)) => {
                 return Err(ProxyError::Upstream {
-                    url: self.spec.url.clone(),
+                    url: self.spec.target.url.clone(),
                     message: format!("upgrade failed: {e}"),
                     errno: None,
                 })
             }
             Err(_) => {
                 return Err(ProxyError::Timeout {
-                    url: self.spec.url.clone(),
+                    url: self.spec.target.url.clone(),
                     phase: "upgrading the origin connection",
                 })
             }
@@ -551,17 +551,17 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
     /// `proxy_tunnel`: connect to a raw TCP service, answer 101 (or 200 for
     /// CONNECT), then copy bytes both ways.
     async fn raw_tunnel(&mut self, target: TunnelTarget) -> Result<(), ProxyError> {
-        let connect = tokio::net::TcpStream::connect(target.address.as_str());
+        let connect = tokio::net::TcpStream::connect(self.spec.target.address.as_str());
         let stream = match tokio::time::timeout(self.spec.timeouts.connect, connect).await {
             Err(_) => {
                 return Err(ProxyError::Timeout {
-                    url: self.spec.url.clone(),
+                    url: self.spec.target.url.clone(),
                     phase: "connecting",
                 })
             }
             Ok(Err(e)) => {
                 return Err(ProxyError::Connect {
-                    url: self.spec.url.clone(),
+                    url: self.spec.target.url.clone(),
                     message: e.to_string(),
                     errno: e.raw_os_error(),
                 })
@@ -618,11 +618,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
                 Ok(())
             }
             Err(TunnelEnd::Idle) => Err(ProxyError::Timeout {
-                url: self.spec.url.clone(),
+                url: self.spec.target.url.clone(),
                 phase: "in an idle tunnel",
             }),
             Err(TunnelEnd::Failed(message)) => Err(ProxyError::Upstream {
-                url: self.spec.url.clone(),
+                url: self.spec.target.url.clone(),
                 message,
                 errno: None,
             }),
@@ -637,14 +637,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
 
     fn callback_error(&self, message: String) -> ProxyError {
         ProxyError::Callback {
-            url: self.spec.url.clone(),
+            url: self.spec.target.url.clone(),
             message,
         }
     }
 
     fn validate_head(&self, headers: &HeaderList) -> Result<(), ProxyError> {
         headers::validate_all(headers).map_err(|message| ProxyError::InvalidHeader {
-            url: self.spec.url.clone(),
+            url: self.spec.target.url.clone(),
             message,
         })
     }
@@ -790,7 +790,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         while let Some(data) = self.next_data(&mut body, true).await? {
             if buf.len() + data.len() > limit {
                 return Err(ProxyError::BodyTooLarge {
-                    url: self.spec.url.clone(),
+                    url: self.spec.target.url.clone(),
                     limit,
                 });
             }
@@ -810,7 +810,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
             let frame = match tokio::time::timeout(self.spec.timeouts.idle, body.frame()).await {
                 Err(_) => {
                     return Err(ProxyError::Timeout {
-                        url: self.spec.url.clone(),
+                        url: self.spec.target.url.clone(),
                         phase: "waiting for the response body",
                     })
                 }
@@ -818,7 +818,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
                 Ok(Some(Err(e))) => {
                     let e: BoxError = e.into();
                     return Err(ProxyError::Upstream {
-                        url: self.spec.url.clone(),
+                        url: self.spec.target.url.clone(),
                         message: origin::error::error_chain(e.as_ref()),
                         errno: None,
                     });
@@ -853,7 +853,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
             self.spec.id,
             CallbackEvent::Response(head.clone()),
             Some(body_tx),
-            &self.spec.url,
+            &self.spec.target.url,
         )?;
         let deadline = tokio::time::Instant::now() + proxy.callbacks.reply_timeout;
         let mut origin_body = Some(body);
@@ -865,7 +865,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
                     let result = match (&buffered, origin_body.take()) {
                         (Some(bytes), _) => Ok(bytes.clone()),
                         (None, Some(body)) => self.read_whole(body).await,
-                        (None, None) => Err(ProxyError::BodyTooLarge { url: self.spec.url.clone(), limit: self.spec.max_buffered_body }),
+                        (None, None) => Err(ProxyError::BodyTooLarge { url: self.spec.target.url.clone(), limit: self.spec.max_buffered_body }),
                     };
                     if let Ok(bytes) = &result {
                         buffered = Some(bytes.clone());
@@ -937,7 +937,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
 
     fn file_error(&self, e: std::io::Error) -> ProxyError {
         ProxyError::Callback {
-            url: self.spec.url.clone(),
+            url: self.spec.target.url.clone(),
             message: format!("cannot read the rendered body: {e}"),
         }
     }
@@ -950,7 +950,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
             match self
                 .proxy
                 .callbacks
-                .call(self.spec.id, event, &self.spec.url)
+                .call(self.spec.id, event, &self.spec.target.url)
                 .await
             {
                 Ok(CallbackReply::Render(rendered)) => return self.write_rendered(rendered).await,
@@ -1006,28 +1006,9 @@ pub fn default_answer(err: &ProxyError) -> Rendered {
     }
 }
 
-/// "scheme://host:port" for per-origin limits.
-pub fn origin_key(url: &str) -> String {
-    match url.parse::<http::Uri>() {
-        Ok(uri) => {
-            let scheme = uri.scheme_str().unwrap_or("http");
-            let port = uri.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
-            format!("{scheme}://{}:{port}", uri.host().unwrap_or(""))
-        }
-        Err(_) => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn origin_key_fills_default_ports() {
-        assert_eq!(origin_key("http://a.test/x?y"), "http://a.test:80");
-        assert_eq!(origin_key("https://a.test/"), "https://a.test:443");
-        assert_eq!(origin_key("http://127.0.0.1:9000/p"), "http://127.0.0.1:9000");
-    }
 
     #[test]
     fn out_of_descriptors_at_the_origin_is_an_overload_not_a_bad_gateway() {

@@ -7,7 +7,9 @@
 //!
 //! # Layout
 //! - `exchange`: one exchange from admission to summary (the orchestration).
-//! - `origin`: fetching the origin.
+//! - `origin`: fetching the origin: one `Clients::send` that picks the
+//!   client and returns one `origin::Response`.
+//!   - `origin::request`: what the exchange asks for, and its hyper form.
 //!   - `origin::hyper_client`: pooled hyper-util clients (HTTP/1.1, HTTP/2).
 //!   - `origin::tls`: TLS settings, the rustls config, the accept-any verifier.
 //!   - `origin::http1`: the gem's own HTTP/1.1 client for bodiless plain-http
@@ -16,7 +18,9 @@
 //!     head, chunk-size lines), `body` (the response body off the socket).
 //!   - `origin::body`: request-body sources.
 //!   - `origin::error`: what a hyper error means (kind, retry).
-//! - `origin_url`: the one check and canonical form of an origin URL.
+//! - `origin_url`: the one check and canonical form of an origin URL, parsed
+//!   once into the `Target` (host, port, pool and limit keys, path) that
+//!   the origin clients, the limits and the metrics use.
 //! - `splice`: Content-Length bodies moved socket to socket in the kernel.
 //! - `relay`: writing the response to the client (framing, bounds, abort).
 //! - `headers`: hop-by-hop rules, validation, the response head.

@@ -58,11 +58,16 @@ impl Clients {
     /// A status above 599, and a 101 nobody asked for, are a 502 from
     /// either client.
     pub async fn send(&self, request: &Request<'_>, body: BodySource) -> Result<Response, ProxyError> {
-        let url = request.url;
-        if http1::serves(url, request.method, !body.is_empty(), request.upgrade.is_some()) {
+        let (target, url) = (request.target, request.target.url.as_str());
+        if http1::serves(
+            target,
+            request.method,
+            !body.is_empty(),
+            request.upgrade.is_some(),
+        ) {
             let send = self
                 .http1
-                .send(url, request.method, request.headers, request.connect_timeout);
+                .send(target, request.method, request.headers, request.connect_timeout);
             let (head, body) = tokio::time::timeout(request.header_timeout, send)
                 .await
                 .map_err(|_| error::waiting_for_headers(url))??;

@@ -11,13 +11,14 @@ use super::body::{BodySource, RequestBody};
 use super::tls::TlsSettings;
 use crate::errors::ProxyError;
 use crate::headers::{self, HeaderList};
+use crate::origin_url::Target;
 
 /// One request to an origin, whichever client sends it. Fields, not the
 /// exchange's spec: a future holding `&ExchangeSpec` would need the spec to
 /// be `Sync`, and its body source is not.
 pub struct Request<'a> {
-    /// The canonical URL (`origin_url::check`).
-    pub url: &'a str,
+    /// Where it goes, parsed once (`origin_url::check`).
+    pub target: &'a Target,
     pub method: &'a Method,
     /// The client's headers; hop-by-hop ones are dropped on the way out.
     pub headers: &'a HeaderList,
@@ -35,9 +36,11 @@ pub struct Request<'a> {
 impl Request<'_> {
     /// The request as hyper sends it, with `body`.
     pub fn to_hyper(&self, body: BodySource) -> Result<http::Request<RequestBody>, ProxyError> {
-        let mut builder = http::Request::builder().method(self.method.clone()).uri(self.url);
+        let mut builder = http::Request::builder()
+            .method(self.method.clone())
+            .uri(self.target.uri.clone());
         let to_origin = headers::to_origin(self.headers).map_err(|message| ProxyError::InvalidHeader {
-            url: self.url.to_owned(),
+            url: self.target.url.clone(),
             message,
         })?;
         for (name, value) in to_origin {
@@ -52,7 +55,7 @@ impl Request<'_> {
             message: format!("cannot read the request body: {e}"),
         })?;
         builder.body(body).map_err(|e| ProxyError::InvalidHeader {
-            url: self.url.to_owned(),
+            url: self.target.url.clone(),
             message: e.to_string(),
         })
     }

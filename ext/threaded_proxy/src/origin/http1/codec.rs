@@ -6,9 +6,9 @@ use bytes::{Buf, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use tokio::net::TcpStream;
 
-use super::Target;
 use crate::errors::ProxyError;
 use crate::headers::{self, HeaderList};
+use crate::origin_url::Target;
 
 /// Largest response head accepted (hyper's limit in `hyper_client` is the same).
 const MAX_HEAD: usize = 256 * 1024;

@@ -39,61 +39,20 @@ pub use pool::Http1Pool;
 
 use crate::errors::ProxyError;
 use crate::headers::HeaderList;
+use crate::origin_url::{Scheme, Target};
 use codec::{read_head, request_head, upstream, upstream_io, HeadError};
 
 /// True when this client serves the request: plain http, no body, no
 /// upgrade, and a method that may be retried on a fresh connection when a
 /// pooled one turns out closed.
-pub fn serves(url: &str, method: &Method, has_body: bool, upgrade: bool) -> bool {
+pub fn serves(target: &Target, method: &Method, has_body: bool, upgrade: bool) -> bool {
     !has_body
         && !upgrade
-        && url.len() > 7
-        && url[..7].eq_ignore_ascii_case("http://")
+        && target.scheme == Scheme::Http
         && matches!(
             *method,
             Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE
         )
-}
-
-/// Where a request goes, parsed once from its URL.
-pub struct Target {
-    host: String,
-    port: u16,
-    /// "host:port": the pool's key.
-    key: String,
-    /// The Host header: the port only when it is not 80.
-    host_header: String,
-    path_and_query: String,
-}
-
-impl Target {
-    pub fn parse(url: &str) -> Result<Target, ProxyError> {
-        let invalid = |message: String| ProxyError::InvalidHeader {
-            url: url.to_owned(),
-            message,
-        };
-        let uri: http::Uri = url.parse().map_err(|e| invalid(format!("bad URL: {e}")))?;
-        let authority = uri
-            .authority()
-            .ok_or_else(|| invalid("URL without a host".to_owned()))?;
-        let host = authority.host().trim_start_matches('[').trim_end_matches(']');
-        let port = authority.port_u16().unwrap_or(80);
-        let host_header = match authority.port_u16() {
-            Some(p) if p != 80 => format!("{}:{p}", authority.host()),
-            _ => authority.host().to_owned(),
-        };
-        Ok(Target {
-            host: host.to_owned(),
-            port,
-            key: format!("{}:{port}", authority.host()),
-            host_header,
-            path_and_query: uri
-                .path_and_query()
-                .map(|p| p.as_str().to_owned())
-                .filter(|p| !p.is_empty())
-                .unwrap_or_else(|| "/".to_owned()),
-        })
-    }
 }
 
 impl Http1Pool {
@@ -109,24 +68,24 @@ impl Http1Pool {
     /// is final: the origin may have processed the request.
     pub async fn send(
         &self,
-        url: &str,
+        target: &Target,
         method: &Method,
         request_headers: &HeaderList,
         connect_timeout: Duration,
     ) -> Result<(ResponseHead, PlainBody), ProxyError> {
-        let target = Target::parse(url)?;
-        let request = request_head(url, method, &target, request_headers)?;
+        let url = target.url.as_str();
+        let request = request_head(url, method, target, request_headers)?;
         let mut first_try = true;
         loop {
             let pooled = if first_try {
-                self.shared.take(&target.key)
+                self.shared.take(&target.address)
             } else {
                 None
             };
             let reused = pooled.is_some();
             let mut stream = match pooled {
                 Some(stream) => stream,
-                None => connect(url, &target, connect_timeout).await?,
+                None => connect(target, connect_timeout).await?,
             };
             let failure = match stream.write_all(&request).await {
                 Err(e) => upstream_io(url, "sending the request", &e),
@@ -134,9 +93,15 @@ impl Http1Pool {
                     let mut buf = BytesMut::new();
                     match read_head(&mut stream, &mut buf).await {
                         Ok(head) => {
-                            let mut body =
-                                PlainBody::new(stream, buf, method, &head, &self.shared, target.key)
-                                    .map_err(|message| upstream(url, message))?;
+                            let mut body = PlainBody::new(
+                                stream,
+                                buf,
+                                method,
+                                &head,
+                                &self.shared,
+                                target.address.clone(),
+                            )
+                            .map_err(|message| upstream(url, message))?;
                             body.check_start()
                                 .await
                                 .map_err(|message| upstream(url, message))?;
@@ -156,7 +121,8 @@ impl Http1Pool {
     }
 }
 
-async fn connect(url: &str, target: &Target, timeout: Duration) -> Result<TcpStream, ProxyError> {
+async fn connect(target: &Target, timeout: Duration) -> Result<TcpStream, ProxyError> {
+    let url = target.url.as_str();
     let timed_out = || ProxyError::Timeout {
         url: url.to_owned(),
         phase: "connecting",
@@ -202,19 +168,10 @@ async fn connect(url: &str, target: &Target, timeout: Duration) -> Result<TcpStr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::origin_url::{self, Kind};
 
-    #[test]
-    fn targets_name_the_pool_key_and_host_header() {
-        let t = Target::parse("http://example.com/a?b=1").unwrap();
-        assert_eq!(
-            (t.key.as_str(), t.host_header.as_str(), t.path_and_query.as_str()),
-            ("example.com:80", "example.com", "/a?b=1")
-        );
-        let t = Target::parse("http://[::1]:8080").unwrap();
-        assert_eq!(
-            (t.host.as_str(), t.host_header.as_str(), t.path_and_query.as_str()),
-            ("::1", "[::1]:8080", "/")
-        );
+    fn target(url: &str) -> Target {
+        origin_url::check(url, Kind::Http).unwrap()
     }
 
     #[tokio::test]
@@ -232,7 +189,7 @@ mod tests {
         });
         let pool = Http1Pool::new(Duration::from_millis(100), 4);
         let (head, _body) = pool
-            .send(&url, &Method::GET, &Vec::new(), Duration::from_secs(2))
+            .send(&target(&url), &Method::GET, &Vec::new(), Duration::from_secs(2))
             .await
             .unwrap();
         assert_eq!(head.status, 204);
@@ -250,11 +207,11 @@ mod tests {
 
     #[test]
     fn only_bodiless_idempotent_plain_http_requests_are_served_here() {
-        assert!(serves("http://a/", &Method::GET, false, false));
-        assert!(serves("HTTP://a/", &Method::HEAD, false, false));
-        assert!(!serves("https://a/", &Method::GET, false, false));
-        assert!(!serves("http://a/", &Method::POST, false, false));
-        assert!(!serves("http://a/", &Method::GET, true, false));
-        assert!(!serves("http://a/", &Method::GET, false, true));
+        assert!(serves(&target("http://a/"), &Method::GET, false, false));
+        assert!(serves(&target("HTTP://a/"), &Method::HEAD, false, false));
+        assert!(!serves(&target("https://a/"), &Method::GET, false, false));
+        assert!(!serves(&target("http://a/"), &Method::POST, false, false));
+        assert!(!serves(&target("http://a/"), &Method::GET, true, false));
+        assert!(!serves(&target("http://a/"), &Method::GET, false, true));
     }
 }
