@@ -417,7 +417,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         self.relay_origin(head, body, body_length, head_length).await
     }
 
-    /// Sends the request (`origin::Clients::send` picks the client).
+    /// Sends the request (`origin::Upstream::send` picks the client).
     async fn send_request(&mut self) -> Result<origin::Response, ProxyError> {
         let body = std::mem::replace(&mut self.spec.body, BodySource::Empty);
         let spec = &self.spec;
@@ -430,7 +430,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
             connect_timeout: spec.timeouts.connect,
             header_timeout: spec.timeouts.header,
         };
-        self.proxy.origin.send(&request, body).await
+        self.proxy.upstream.send(&request, body).await
     }
 
     /// A plain-http origin body: spliced from socket to socket when it is

@@ -7,7 +7,7 @@
 //!
 //! # Layout
 //! - `exchange`: one exchange from admission to summary (the orchestration).
-//! - `origin`: fetching the origin: one `Clients::send` that picks the
+//! - `origin`: fetching the origin: one `Upstream::send` that picks the
 //!   client and returns one `origin::Response`.
 //!   - `origin::request`: what the exchange asks for, and its hyper form.
 //!   - `origin::hyper_client`: pooled hyper-util clients (HTTP/1.1, HTTP/2).

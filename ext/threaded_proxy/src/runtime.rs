@@ -16,7 +16,7 @@ use crate::callbacks::CallbackBridge;
 use crate::errors::ProxyError;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
-use crate::origin::Clients;
+use crate::origin::Upstream;
 use crate::stats::Stats;
 
 /// Process-wide settings from `ThreadedProxy.configure`.
@@ -86,7 +86,7 @@ pub struct Proxy {
     pub pid: u32,
     pub runtime: tokio::runtime::Runtime,
     pub callbacks: CallbackBridge,
-    pub origin: Clients,
+    pub upstream: Upstream,
     pub stats: Stats,
     pub limits: Limits,
     pub metrics: Metrics,
@@ -115,7 +115,7 @@ impl Proxy {
             pid: std::process::id(),
             runtime,
             callbacks: CallbackBridge::new(settings.callback_timeout),
-            origin: Clients::new(settings.pool_idle_timeout, settings.pool_max_idle_per_host),
+            upstream: Upstream::new(settings.pool_idle_timeout, settings.pool_max_idle_per_host),
             stats: Stats::default(),
             limits: Limits::new(
                 settings.max_connections,

@@ -278,7 +278,7 @@ pub async fn send(settings: &DeliverySettings, store: &Arc<dyn DeliveryStore>, r
     };
     let client = match runtime::current().and_then(|proxy| {
         proxy
-            .origin
+            .upstream
             .hyper
             .client(&TlsSettings::default(), settings.connect_timeout, &url)
     }) {

@@ -1,4 +1,4 @@
-//! The origin side of an exchange: one [`Clients::send`] that picks the
+//! The origin side of an exchange: one [`Upstream::send`] that picks the
 //! client (the gem's own HTTP/1.1 client for bodiless plain-http requests,
 //! pooled hyper-util clients for everything else) and returns one
 //! [`Response`] type whichever answered.
@@ -37,16 +37,16 @@ use http1::Http1Pool;
 use hyper_client::HyperClients;
 
 /// The process's origin clients and their pools.
-pub struct Clients {
+pub struct Upstream {
     /// hyper-util clients, one per TLS settings and connect timeout.
     pub hyper: HyperClients,
     /// The gem's own HTTP/1.1 pool for bodiless plain-http requests.
     pub http1: Http1Pool,
 }
 
-impl Clients {
+impl Upstream {
     pub fn new(pool_idle_timeout: Duration, pool_max_idle_per_host: usize) -> Self {
-        Clients {
+        Upstream {
             hyper: HyperClients::new(pool_idle_timeout, pool_max_idle_per_host),
             http1: Http1Pool::new(pool_idle_timeout, pool_max_idle_per_host),
         }
