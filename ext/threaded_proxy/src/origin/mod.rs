@@ -3,11 +3,12 @@
 //! pooled hyper-util clients for everything else) and returns one
 //! [`Response`] type whichever answered.
 //!
-//! Module map (each imports only modules below it, never its parent):
+//! Modules (none imports this parent, so there is no import cycle; the
+//! response types live here because they join the two clients):
 //! - `request`: what the exchange asks for, and its hyper form.
-//! - `hyper_client`: the pooled hyper-util clients.
+//! - `hyper_client`: the pooled hyper-util clients and their retry.
 //! - `tls`: TLS settings and the rustls config (and the accept-any verifier).
-//! - `http1`: the gem's own HTTP/1.1 client (pool, codec, body).
+//! - `http1`: the gem's own HTTP/1.1 client (`pool`, `codec`, `body`).
 //! - `body`: request-body sources and the body type both clients send.
 //! - `error`: what a hyper error means (kind, status, retry).
 
@@ -32,7 +33,6 @@ pub use request::Request;
 pub use tls::TlsSettings;
 
 use crate::errors::ProxyError;
-
 use http1::Http1Pool;
 use hyper_client::HyperClients;
 
@@ -45,6 +45,7 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// Empty pools; hyper clients are built on first use.
     pub fn new(pool_idle_timeout: Duration, pool_max_idle_per_host: usize) -> Self {
         Upstream {
             hyper: HyperClients::new(pool_idle_timeout, pool_max_idle_per_host),
