@@ -12,7 +12,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::{Method, Request};
+use http::Method;
 use http_body::Body;
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
@@ -25,19 +25,13 @@ use crate::callbacks::{
 use crate::errors::{ErrorReport, ProxyError};
 use crate::handoff::{self, ClientSocket};
 use crate::headers::{self, ClientRequest, Framing, HeaderList};
-use crate::http1_origin::{self, PlainBody};
 use crate::limits::{self, Permit};
+use crate::origin::{self, BodySource, BoxError, OriginBody, PlainBody, TlsSettings};
+use crate::origin_url::Target;
 use crate::relay::{self, ClientWriter};
 use crate::runtime::Proxy;
 use crate::splice;
 use crate::tunnel::{self, TunnelCounts, TunnelEnd};
-use crate::upstream::{self, BodySource, BoxError, OriginBody, TlsSettings};
-
-/// What the origin answered: a body to relay, or hyper's 101 to upgrade.
-enum OriginResponse {
-    Body(OriginBody),
-    Switching(http::Response<hyper::body::Incoming>),
-}
 
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -65,7 +59,8 @@ pub struct CallbackSet {
 pub struct ExchangeSpec {
     pub id: u64,
     pub method: Method,
-    pub url: String,
+    /// The origin URL, checked and parsed once (`origin_url::check`).
+    pub target: Target,
     pub headers: HeaderList,
     pub body: BodySource,
     pub client: ClientRequest,
@@ -76,15 +71,13 @@ pub struct ExchangeSpec {
     /// The client's Upgrade header when it asked to switch protocols: it
     /// goes to the origin, and the origin's 101 starts a tunnel.
     pub upgrade: Option<Bytes>,
-    /// `proxy_tunnel`: join the client to a raw TCP service instead of
-    /// fetching `url`.
+    /// `proxy_tunnel`: join the client to the raw TCP service `target`
+    /// names (`tcp://host:port`) instead of fetching it.
     pub tunnel: Option<TunnelTarget>,
 }
 
 #[derive(Debug, Clone)]
 pub struct TunnelTarget {
-    /// "host:port" of the TCP service.
-    pub address: String,
     /// The protocol to name in a 101 answer; None answers 200 (CONNECT).
     pub upgrade: Option<Bytes>,
 }
@@ -128,17 +121,17 @@ pub fn exchange_fds(spec: &ExchangeSpec) -> usize {
 pub fn admit(proxy: &'static Proxy, spec: &ExchangeSpec) -> Result<Permit<'static>, ProxyError> {
     if !proxy.accepting() {
         return Err(ProxyError::Overload {
-            url: spec.url.clone(),
+            url: spec.target.url.clone(),
             message: "shutting down".to_owned(),
         });
     }
     proxy
         .limits
-        .try_acquire(&origin_key(&spec.url), exchange_fds(spec))
+        .try_acquire(&spec.target.origin_key, exchange_fds(spec))
         .map_err(|message| {
             proxy.stats.rejected.fetch_add(1, Relaxed);
             ProxyError::Overload {
-                url: spec.url.clone(),
+                url: spec.target.url.clone(),
                 message: message.to_owned(),
             }
         })
@@ -188,7 +181,7 @@ async fn run(proxy: &'static Proxy, spec: ExchangeSpec, client: OwnedFd, permit:
         Err(e) => {
             let summary = Summary {
                 method: spec.method.to_string(),
-                url: spec.url.clone(),
+                url: spec.target.url.clone(),
                 status: None,
                 head: None,
                 bytes_from_origin: 0,
@@ -198,7 +191,7 @@ async fn run(proxy: &'static Proxy, spec: ExchangeSpec, client: OwnedFd, permit:
                 total_time: started.elapsed(),
                 error: Some(ErrorReport::from(&ProxyError::client(&e))),
             };
-            proxy.metrics.observe(&summary.url, None, summary.total_time);
+            proxy.metrics.observe(&spec.target, None, summary.total_time);
             Some((spec.id, spec.callbacks.finished, summary))
         }
     };
@@ -277,7 +270,7 @@ where
     let spec = &exchange.spec;
     let summary = Summary {
         method: spec.method.to_string(),
-        url: spec.url.clone(),
+        url: spec.target.url.clone(),
         status: exchange.status,
         head: exchange.sent_head.take(),
         bytes_from_origin: exchange.bytes_from_origin,
@@ -289,7 +282,7 @@ where
     };
     proxy
         .metrics
-        .observe(&summary.url, summary.time_to_first_byte, summary.total_time);
+        .observe(&spec.target, summary.time_to_first_byte, summary.total_time);
     // Reported before the drain: the last byte is already out, and
     // on_complete should not wait for a client that is slow to close.
     report(proxy, spec.id, spec.callbacks.finished, summary);
@@ -335,7 +328,7 @@ struct Exchange<R, W> {
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
     fn url(&self) -> &str {
-        &self.spec.url
+        &self.spec.target.url
     }
 
     /// Runs the exchange; on a failure before the head went out, answers
@@ -365,22 +358,28 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         if let Some(target) = self.spec.tunnel.clone() {
             return self.raw_tunnel(target).await;
         }
-        let (status, reason, origin_headers, body) = self.send_request().await.map_err(fds_exhausted)?;
+        let response = self.send_request().await.map_err(fds_exhausted)?;
         self.time_to_first_byte = Some(self.started.elapsed());
-        let body = match body {
-            OriginResponse::Switching(response) => return self.switch_protocols(response).await,
-            OriginResponse::Body(body) => body,
-        };
+        let origin::Response {
+            status,
+            reason,
+            headers: origin_headers,
+            body,
+            upgrade,
+        } = response;
+        if let Some(upgrade) = upgrade {
+            return self.switch_protocols(origin_headers, upgrade).await;
+        }
         if headers::ambiguous_framing(&origin_headers) {
             return Err(ProxyError::Upstream {
-                url: self.spec.url.clone(),
+                url: self.spec.target.url.clone(),
                 message: "response has both Content-Length and Transfer-Encoding".to_owned(),
                 errno: None,
             });
         }
         if headers::unsupported_transfer_coding(&origin_headers) {
             return Err(ProxyError::Upstream {
-                url: self.spec.url.clone(),
+                url: self.spec.target.url.clone(),
                 message: "response has a transfer coding other than a lone chunked".to_owned(),
                 errno: None,
             });
@@ -418,88 +417,20 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         self.relay_origin(head, body, body_length, head_length).await
     }
 
-    /// Sends the request: plain-http bodiless requests on the gem's own
-    /// HTTP/1.1 connection, everything else through hyper.
-    async fn send_request(
-        &mut self,
-    ) -> Result<(http::StatusCode, Option<String>, http::HeaderMap, OriginResponse), ProxyError> {
-        let proxy = self.proxy;
-        let timed_out = |url: &str| ProxyError::Timeout {
-            url: url.to_owned(),
-            phase: "waiting for the response headers",
-        };
+    /// Sends the request (`origin::Upstream::send` picks the client).
+    async fn send_request(&mut self) -> Result<origin::Response, ProxyError> {
+        let body = std::mem::replace(&mut self.spec.body, BodySource::Empty);
         let spec = &self.spec;
-        if http1_origin::serves(
-            &spec.url,
-            &spec.method,
-            !spec.body.is_empty(),
-            spec.upgrade.is_some(),
-        ) {
-            // Fields, not the spec: its body source is not Sync.
-            let (url, method, headers, timeouts) = (&spec.url, &spec.method, &spec.headers, spec.timeouts);
-            let send = proxy.upstream.http1.send(url, method, headers, timeouts.connect);
-            let (head, body) = match tokio::time::timeout(timeouts.header, send).await {
-                Err(_) => return Err(timed_out(url)),
-                Ok(result) => result?,
-            };
-            let body = OriginResponse::Body(OriginBody::Plain(body));
-            return Ok((head.status, head.reason, head.headers, body));
-        }
-        let client = proxy
-            .upstream
-            .client(&spec.tls, spec.timeouts.connect, &spec.url)?;
-        // One time-to-headers budget for every try.
-        let deadline = tokio::time::Instant::now() + spec.timeouts.header;
-        let mut body = Some(std::mem::replace(&mut self.spec.body, BodySource::Empty));
-        let mut retries = upstream::REFUSED_RETRIES;
-        let response = loop {
-            let this_try = body.take().unwrap_or(BodySource::Empty);
-            // Kept for a retry; None when the body cannot be sent twice.
-            body = this_try.try_clone();
-            let request = self.build_request(this_try)?;
-            match tokio::time::timeout_at(deadline, client.request(request)).await {
-                Err(_) => return Err(timed_out(&self.spec.url)),
-                Ok(Ok(response)) => break response,
-                // An HTTP/2 origin refused it unprocessed (GOAWAY while
-                // retiring the connection, REFUSED_STREAM): not a 502.
-                Ok(Err(e)) if retries > 0 && body.is_some() && upstream::refused_unprocessed(&e) => {
-                    retries -= 1;
-                }
-                Ok(Err(e)) => return Err(upstream::classify(&e, &self.spec.url)),
-            }
+        let request = origin::Request {
+            target: &spec.target,
+            method: &spec.method,
+            headers: &spec.headers,
+            upgrade: spec.upgrade.as_ref(),
+            tls: &spec.tls,
+            connect_timeout: spec.timeouts.connect,
+            header_timeout: spec.timeouts.header,
         };
-        let status = response.status();
-        if status.as_u16() > 599 {
-            // hyper takes up to 999; the gem's own client refuses these too.
-            return Err(ProxyError::Upstream {
-                url: self.spec.url.clone(),
-                message: format!("invalid status code {}", status.as_u16()),
-                errno: None,
-            });
-        }
-        if status == http::StatusCode::SWITCHING_PROTOCOLS {
-            if self.spec.upgrade.is_none() {
-                // The gem's own client refuses it too (http1_origin).
-                return Err(ProxyError::Upstream {
-                    url: self.spec.url.clone(),
-                    message: "101 Switching Protocols without an upgrade request".to_owned(),
-                    errno: None,
-                });
-            }
-            let headers = response.headers().clone();
-            return Ok((status, None, headers, OriginResponse::Switching(response)));
-        }
-        let (parts, body) = response.into_parts();
-        let reason = parts
-            .extensions
-            .get::<hyper::ext::ReasonPhrase>()
-            .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned());
-        Ok((
-            parts.status,
-            reason,
-            parts.headers,
-            OriginResponse::Body(OriginBody::Hyper(body)),
-        ))
+        self.proxy.upstream.send(&request, body).await
     }
 
     /// A plain-http origin body: spliced from socket to socket when it is
@@ -565,7 +496,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         self.writer.add_body_written(spliced);
         drop(splicer);
         self.release_splice_fds();
-        copied.map_err(|end| end.into_error(&self.spec.url, self.spec.timeouts.idle))?;
+        copied.map_err(|end| end.into_error(&self.spec.target.url, self.spec.timeouts.idle))?;
         body.spliced_to_end();
         self.finish().await
     }
@@ -574,18 +505,17 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
     /// on_headers), then copy bytes both ways.
     async fn switch_protocols(
         &mut self,
-        mut response: http::Response<hyper::body::Incoming>,
+        origin_headers: http::HeaderMap,
+        upgrade: hyper::upgrade::OnUpgrade,
     ) -> Result<(), ProxyError> {
-        let protocol = response
-            .headers()
+        let protocol = origin_headers
             .get(http::header::UPGRADE)
             .map(|v| Bytes::copy_from_slice(v.as_bytes()))
             .or_else(|| self.spec.upgrade.clone());
-        let upgrade = hyper::upgrade::on(&mut response);
         let mut head = ResponseHead {
             status: 101,
             reason: None,
-            headers: headers::end_to_end(response.headers()),
+            headers: headers::end_to_end(&origin_headers),
         };
         if self.spec.callbacks.on_headers {
             let event = CallbackEvent::Headers(head);
@@ -601,14 +531,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
             Ok(Ok(upgraded)) => upgraded,
             Ok(Err(e)) => {
                 return Err(ProxyError::Upstream {
-                    url: self.spec.url.clone(),
+                    url: self.spec.target.url.clone(),
                     message: format!("upgrade failed: {e}"),
                     errno: None,
                 })
             }
             Err(_) => {
                 return Err(ProxyError::Timeout {
-                    url: self.spec.url.clone(),
+                    url: self.spec.target.url.clone(),
                     phase: "upgrading the origin connection",
                 })
             }
@@ -621,17 +551,17 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
     /// `proxy_tunnel`: connect to a raw TCP service, answer 101 (or 200 for
     /// CONNECT), then copy bytes both ways.
     async fn raw_tunnel(&mut self, target: TunnelTarget) -> Result<(), ProxyError> {
-        let connect = tokio::net::TcpStream::connect(target.address.as_str());
+        let connect = tokio::net::TcpStream::connect(self.spec.target.address.as_str());
         let stream = match tokio::time::timeout(self.spec.timeouts.connect, connect).await {
             Err(_) => {
                 return Err(ProxyError::Timeout {
-                    url: self.spec.url.clone(),
+                    url: self.spec.target.url.clone(),
                     phase: "connecting",
                 })
             }
             Ok(Err(e)) => {
                 return Err(ProxyError::Connect {
-                    url: self.spec.url.clone(),
+                    url: self.spec.target.url.clone(),
                     message: e.to_string(),
                     errno: e.raw_os_error(),
                 })
@@ -688,11 +618,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
                 Ok(())
             }
             Err(TunnelEnd::Idle) => Err(ProxyError::Timeout {
-                url: self.spec.url.clone(),
+                url: self.spec.target.url.clone(),
                 phase: "in an idle tunnel",
             }),
             Err(TunnelEnd::Failed(message)) => Err(ProxyError::Upstream {
-                url: self.spec.url.clone(),
+                url: self.spec.target.url.clone(),
                 message,
                 errno: None,
             }),
@@ -707,40 +637,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
 
     fn callback_error(&self, message: String) -> ProxyError {
         ProxyError::Callback {
-            url: self.spec.url.clone(),
+            url: self.spec.target.url.clone(),
             message,
         }
     }
 
-    fn build_request(&self, body: BodySource) -> Result<Request<upstream::RequestBody>, ProxyError> {
-        let mut builder = Request::builder()
-            .method(self.spec.method.clone())
-            .uri(&self.spec.url);
-        let to_origin =
-            headers::to_origin(&self.spec.headers).map_err(|message| ProxyError::InvalidHeader {
-                url: self.spec.url.clone(),
-                message,
-            })?;
-        for (name, value) in to_origin {
-            builder = builder.header(name.as_str(), value.as_ref());
-        }
-        if let Some(protocol) = &self.spec.upgrade {
-            builder = builder
-                .header(http::header::UPGRADE, protocol.as_ref())
-                .header(http::header::CONNECTION, "upgrade");
-        }
-        let body = body.into_body().map_err(|e| ProxyError::Internal {
-            message: format!("cannot read the request body: {e}"),
-        })?;
-        builder.body(body).map_err(|e| ProxyError::InvalidHeader {
-            url: self.spec.url.clone(),
-            message: e.to_string(),
-        })
-    }
-
     fn validate_head(&self, headers: &HeaderList) -> Result<(), ProxyError> {
         headers::validate_all(headers).map_err(|message| ProxyError::InvalidHeader {
-            url: self.spec.url.clone(),
+            url: self.spec.target.url.clone(),
             message,
         })
     }
@@ -886,7 +790,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         while let Some(data) = self.next_data(&mut body, true).await? {
             if buf.len() + data.len() > limit {
                 return Err(ProxyError::BodyTooLarge {
-                    url: self.spec.url.clone(),
+                    url: self.spec.target.url.clone(),
                     limit,
                 });
             }
@@ -906,7 +810,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
             let frame = match tokio::time::timeout(self.spec.timeouts.idle, body.frame()).await {
                 Err(_) => {
                     return Err(ProxyError::Timeout {
-                        url: self.spec.url.clone(),
+                        url: self.spec.target.url.clone(),
                         phase: "waiting for the response body",
                     })
                 }
@@ -914,8 +818,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
                 Ok(Some(Err(e))) => {
                     let e: BoxError = e.into();
                     return Err(ProxyError::Upstream {
-                        url: self.spec.url.clone(),
-                        message: upstream::error_chain(e.as_ref()),
+                        url: self.spec.target.url.clone(),
+                        message: origin::error::error_chain(e.as_ref()),
                         errno: None,
                     });
                 }
@@ -949,7 +853,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
             self.spec.id,
             CallbackEvent::Response(head.clone()),
             Some(body_tx),
-            &self.spec.url,
+            &self.spec.target.url,
         )?;
         let deadline = tokio::time::Instant::now() + proxy.callbacks.reply_timeout;
         let mut origin_body = Some(body);
@@ -961,7 +865,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
                     let result = match (&buffered, origin_body.take()) {
                         (Some(bytes), _) => Ok(bytes.clone()),
                         (None, Some(body)) => self.read_whole(body).await,
-                        (None, None) => Err(ProxyError::BodyTooLarge { url: self.spec.url.clone(), limit: self.spec.max_buffered_body }),
+                        (None, None) => Err(ProxyError::BodyTooLarge { url: self.spec.target.url.clone(), limit: self.spec.max_buffered_body }),
                     };
                     if let Ok(bytes) = &result {
                         buffered = Some(bytes.clone());
@@ -1033,7 +937,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
 
     fn file_error(&self, e: std::io::Error) -> ProxyError {
         ProxyError::Callback {
-            url: self.spec.url.clone(),
+            url: self.spec.target.url.clone(),
             message: format!("cannot read the rendered body: {e}"),
         }
     }
@@ -1046,7 +950,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
             match self
                 .proxy
                 .callbacks
-                .call(self.spec.id, event, &self.spec.url)
+                .call(self.spec.id, event, &self.spec.target.url)
                 .await
             {
                 Ok(CallbackReply::Render(rendered)) => return self.write_rendered(rendered).await,
@@ -1102,28 +1006,9 @@ pub fn default_answer(err: &ProxyError) -> Rendered {
     }
 }
 
-/// "scheme://host:port" for per-origin limits.
-pub fn origin_key(url: &str) -> String {
-    match url.parse::<http::Uri>() {
-        Ok(uri) => {
-            let scheme = uri.scheme_str().unwrap_or("http");
-            let port = uri.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
-            format!("{scheme}://{}:{port}", uri.host().unwrap_or(""))
-        }
-        Err(_) => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn origin_key_fills_default_ports() {
-        assert_eq!(origin_key("http://a.test/x?y"), "http://a.test:80");
-        assert_eq!(origin_key("https://a.test/"), "https://a.test:443");
-        assert_eq!(origin_key("http://127.0.0.1:9000/p"), "http://127.0.0.1:9000");
-    }
 
     #[test]
     fn out_of_descriptors_at_the_origin_is_an_overload_not_a_bad_gateway() {

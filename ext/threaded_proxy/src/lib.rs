@@ -7,10 +7,20 @@
 //!
 //! # Layout
 //! - `exchange`: one exchange from admission to summary (the orchestration).
-//! - `upstream`: pooled hyper-util clients, TLS, request bodies, error mapping.
-//! - `origin_url`: the one check and canonical form of an origin URL.
-//! - `http1_origin`: the gem's own HTTP/1.1 client for bodiless plain-http
-//!   requests (small idle footprint, and the socket stays ours for splice).
+//! - `origin`: fetching the origin: one `Upstream::send` that picks the
+//!   client and returns one `origin::Response`.
+//!   - `origin::request`: what the exchange asks for, and its hyper form.
+//!   - `origin::hyper_client`: pooled hyper-util clients (HTTP/1.1, HTTP/2).
+//!   - `origin::tls`: TLS settings, the rustls config, the accept-any verifier.
+//!   - `origin::http1`: the gem's own HTTP/1.1 client for bodiless plain-http
+//!     requests (small idle footprint, and the socket stays ours for splice):
+//!     `pool` (idle connections, reaper), `codec` (request head, response
+//!     head, chunk-size lines), `body` (the response body off the socket).
+//!   - `origin::body`: request-body sources.
+//!   - `origin::error`: what a hyper error means (kind, retry).
+//! - `origin_url`: the one check and canonical form of an origin URL, parsed
+//!   once into the `Target` (host, port, pool and limit keys, path) that
+//!   the origin clients, the limits and the metrics use.
 //! - `splice`: Content-Length bodies moved socket to socket in the kernel.
 //! - `relay`: writing the response to the client (framing, bounds, abort).
 //! - `headers`: hop-by-hop rules, validation, the response head.
@@ -31,16 +41,15 @@ pub mod errors;
 pub mod exchange;
 pub mod handoff;
 pub mod headers;
-pub mod http1_origin;
 pub mod limits;
 pub mod metrics;
+pub mod origin;
 pub mod origin_url;
 pub mod relay;
 pub mod runtime;
 pub mod splice;
 pub mod stats;
 pub mod tunnel;
-pub mod upstream;
 
 #[cfg(feature = "ruby")]
 mod ruby;

@@ -22,6 +22,8 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::origin_url::Target;
+
 /// Upper bounds (seconds) of the latency buckets: from a pooled local
 /// origin (a millisecond) to the default header and idle timeouts (60 s).
 pub const BUCKETS: [f64; 14] = [
@@ -69,21 +71,11 @@ impl Metrics {
         *self.hosts.write().unwrap_or_else(|e| e.into_inner()) = hosts;
     }
 
-    /// The label for `url`: its `host:port` or `host` when listed (the
+    /// The label for `target`: its `host:port` or `host` when listed (the
     /// first form wins), else "other".
-    pub fn host_label(&self, url: &str) -> String {
-        let Ok(uri) = url.parse::<http::Uri>() else {
-            return OTHER.to_owned();
-        };
-        let Some(host) = uri.host().map(str::to_ascii_lowercase) else {
-            return OTHER.to_owned();
-        };
-        let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") {
-            443
-        } else {
-            80
-        });
-        let with_port = format!("{host}:{port}");
+    pub fn host_label(&self, target: &Target) -> String {
+        let host = target.host_in_url().to_ascii_lowercase();
+        let with_port = target.address.to_ascii_lowercase();
         let hosts = self.hosts.read().unwrap_or_else(|e| e.into_inner());
         if hosts.contains(&with_port) {
             with_port
@@ -96,8 +88,8 @@ impl Metrics {
 
     /// Records one finished exchange (time to first byte only when the
     /// origin answered).
-    pub fn observe(&self, url: &str, time_to_first_byte: Option<Duration>, total_time: Duration) {
-        let label = vec![("host".to_owned(), self.host_label(url))];
+    pub fn observe(&self, target: &Target, time_to_first_byte: Option<Duration>, total_time: Duration) {
+        let label = vec![("host".to_owned(), self.host_label(target))];
         if let Some(ttfb) = time_to_first_byte {
             self.time_to_first_byte
                 .get_or_create(&label)
@@ -198,18 +190,23 @@ fn metric_name(key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::origin_url::{self, Kind};
+
+    fn target(url: &str) -> Target {
+        origin_url::check(url, Kind::Http).unwrap()
+    }
 
     #[test]
     fn counters_gauges_and_histograms_render_with_the_pid_label() {
         let metrics = Metrics::new(vec!["Files.Internal".to_owned(), "127.0.0.1:9000".to_owned()]);
         metrics.observe(
-            "http://files.internal/a",
+            &target("http://files.internal/a"),
             Some(Duration::from_millis(3)),
             Duration::from_millis(20),
         );
-        metrics.observe("http://127.0.0.1:9000/b", None, Duration::from_secs(2));
+        metrics.observe(&target("http://127.0.0.1:9000/b"), None, Duration::from_secs(2));
         metrics.observe(
-            "http://evil.example/c",
+            &target("http://evil.example/c"),
             Some(Duration::from_millis(1)),
             Duration::from_millis(2),
         );
@@ -288,11 +285,11 @@ mod tests {
     #[test]
     fn unlisted_and_unparsable_hosts_are_other() {
         let metrics = Metrics::new(vec!["a.test".to_owned()]);
-        assert_eq!(metrics.host_label("https://A.test/x"), "a.test");
-        assert_eq!(metrics.host_label("http://b.test/x"), OTHER);
-        assert_eq!(metrics.host_label("not a url"), OTHER);
+        assert_eq!(metrics.host_label(&target("https://A.test/x")), "a.test");
+        assert_eq!(metrics.host_label(&target("http://b.test/x")), OTHER);
+        assert_eq!(metrics.host_label(&target("http://[::1]:80/")), OTHER);
         metrics.set_hosts(vec!["b.test:8080".to_owned()]);
-        assert_eq!(metrics.host_label("http://b.test:8080/"), "b.test:8080");
-        assert_eq!(metrics.host_label("http://a.test/"), OTHER);
+        assert_eq!(metrics.host_label(&target("http://b.test:8080/")), "b.test:8080");
+        assert_eq!(metrics.host_label(&target("http://a.test/")), OTHER);
     }
 }

@@ -8,21 +8,69 @@
 //! rewritten in a canonical form: `http://host:1234?x=1` becomes
 //! `http://host:1234/?x=1` (else `GET ?x=1` would go on the wire), a
 //! fragment is dropped.
+//!
+//! The URL is parsed here once, into a [`Target`] that carries what every
+//! later step needs (the host to resolve, the port, the pool and limits
+//! keys, the request path, the parsed `http::Uri` for hyper), so nothing
+//! downstream parses it again or compares it by prefix.
 
 use std::net::Ipv6Addr;
 
-/// An origin URL that passed, as the origin clients will use it.
+/// An origin URL that passed, parsed once, as the origin clients, the
+/// limits and the metrics use it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CheckedUrl {
+pub struct Target {
     /// The canonical URL: scheme, authority without user info, a path
     /// that starts with `/`, the query; no fragment.
     pub url: String,
+    pub scheme: Scheme,
     /// The host the connection goes to (brackets of an IPv6 literal
-    /// removed): what `allowed_hosts` must be matched against.
+    /// removed): what `allowed_hosts` must be matched against, and what a
+    /// resolver takes.
     pub host: String,
+    /// The port, the scheme's default filled in.
+    pub port: u16,
     /// `host:port` with the default port filled in (brackets kept), for a
-    /// socket connect.
+    /// socket connect; also the HTTP/1.1 pool's key.
     pub address: String,
+    /// `scheme://host:port` (brackets kept, the default port filled in):
+    /// the key of the per-origin limit.
+    pub origin_key: String,
+    /// The Host header the gem's own client sends: the host as written,
+    /// with the port only when the URL names one other than the default.
+    pub host_header: String,
+    /// The request target on the wire: `/` at least, the query kept.
+    pub path_and_query: String,
+    /// The canonical URL as `http::Uri`, for hyper.
+    pub uri: http::Uri,
+}
+
+/// The scheme of a [`Target`], lowercased.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+    /// `proxy_tunnel`'s raw TCP target.
+    Tcp,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+            Scheme::Tcp => "tcp",
+        }
+    }
+}
+
+impl Target {
+    /// The host as the URL writes it (an IPv6 literal in brackets).
+    pub fn host_in_url(&self) -> &str {
+        self.address
+            .rsplit_once(':')
+            .map_or(self.address.as_str(), |(host, _)| host)
+    }
 }
 
 /// Which URLs a caller takes.
@@ -35,7 +83,7 @@ pub enum Kind {
 }
 
 /// Checks `url`; the error is a sentence for an ArgumentError.
-pub fn check(url: &str, kind: Kind) -> Result<CheckedUrl, String> {
+pub fn check(url: &str, kind: Kind) -> Result<Target, String> {
     let wanted = match kind {
         Kind::Http => "url must be http:// or https://",
         Kind::Tcp => "proxy_tunnel target must look like tcp://host:port",
@@ -63,6 +111,7 @@ pub fn check(url: &str, kind: Kind) -> Result<CheckedUrl, String> {
             "malformed url {url:?}: not ASCII (percent-encode the path and query, punycode the host)"
         ));
     }
+    let input = url;
     let uri: http::Uri = url.parse().map_err(|e| format!("malformed url {url:?}: {e}"))?;
     let scheme = scheme.unwrap_or_default();
     let authority = match uri.authority() {
@@ -93,21 +142,31 @@ pub fn check(url: &str, kind: Kind) -> Result<CheckedUrl, String> {
             }
         },
     };
-    let default_port = match scheme.as_str() {
-        "https" => 443,
-        "http" => 80,
+    let (scheme, default_port) = match scheme.as_str() {
+        "https" => (Scheme::Https, 443),
+        "http" => (Scheme::Http, 80),
         _ => match port {
-            Some(port) => port,
+            Some(port) => (Scheme::Tcp, port),
             None => return Err(format!("{wanted}, got {url:?} (no port)")),
         },
     };
     let host_text = authority.host();
     let address = format!("{host_text}:{}", port.unwrap_or(default_port));
+    let origin_key = format!("{}://{address}", scheme.as_str());
+    let host_header = match port {
+        Some(port) if port != default_port => format!("{host_text}:{port}"),
+        _ => host_text.to_owned(),
+    };
     let authority = match port {
         Some(port) => format!("{host_text}:{port}"),
         None => host_text.to_owned(),
     };
     let path_and_query = uri.path_and_query().map_or("", |p| p.as_str());
+    let wire_path = if path_and_query.starts_with('/') {
+        path_and_query.to_owned()
+    } else {
+        format!("/{path_and_query}")
+    };
     let url = match kind {
         Kind::Tcp => {
             if !matches!(path_and_query, "" | "/")
@@ -119,10 +178,26 @@ pub fn check(url: &str, kind: Kind) -> Result<CheckedUrl, String> {
             }
             format!("tcp://{authority}")
         }
-        Kind::Http if path_and_query.starts_with('/') => format!("{scheme}://{authority}{path_and_query}"),
-        Kind::Http => format!("{scheme}://{authority}/{path_and_query}"),
+        Kind::Http => format!("{}://{authority}{wire_path}", scheme.as_str()),
     };
-    Ok(CheckedUrl { url, host, address })
+    // Parsed again only when normalising changed it (it still parses: it
+    // is the input, normalised).
+    let uri = if url == input {
+        uri
+    } else {
+        url.parse().map_err(|e| format!("malformed url {url:?}: {e}"))?
+    };
+    Ok(Target {
+        port: port.unwrap_or(default_port),
+        url,
+        scheme,
+        host,
+        address,
+        origin_key,
+        host_header,
+        path_and_query: wire_path,
+        uri,
+    })
 }
 
 /// The host as a resolver or a socket takes it: an IPv6 literal in
@@ -156,7 +231,7 @@ fn check_host(host: &str) -> Result<String, &'static str> {
 mod tests {
     use super::*;
 
-    fn ok(url: &str) -> CheckedUrl {
+    fn ok(url: &str) -> Target {
         check(url, Kind::Http).unwrap_or_else(|e| panic!("{url}: {e}"))
     }
 
@@ -188,6 +263,40 @@ mod tests {
         );
         assert_eq!(ok("https://a_b.example.").address, "a_b.example.:443");
         assert_eq!(ok("http://127.0.0.1/").address, "127.0.0.1:80");
+    }
+
+    #[test]
+    fn targets_carry_the_keys_host_header_and_path() {
+        let t = ok("http://example.com/a?b=1");
+        assert_eq!(
+            (
+                t.address.as_str(),
+                t.host_header.as_str(),
+                t.path_and_query.as_str(),
+                t.origin_key.as_str()
+            ),
+            ("example.com:80", "example.com", "/a?b=1", "http://example.com:80")
+        );
+        let t = ok("http://[::1]:8080");
+        assert_eq!(
+            (
+                t.host.as_str(),
+                t.port,
+                t.host_header.as_str(),
+                t.path_and_query.as_str()
+            ),
+            ("::1", 8080, "[::1]:8080", "/")
+        );
+        assert_eq!(t.host_in_url(), "[::1]");
+        assert_eq!(ok("http://h:80/").host_header, "h");
+        assert_eq!(ok("https://h:8443/").host_header, "h:8443");
+        assert_eq!(ok("https://a.test/").origin_key, "https://a.test:443");
+        assert_eq!(ok("http://127.0.0.1:9000/p").origin_key, "http://127.0.0.1:9000");
+        assert_eq!(ok("HTTPS://A.test?q").uri, "https://A.test/?q");
+        assert_eq!(
+            check("tcp://db:5432", Kind::Tcp).unwrap().origin_key,
+            "tcp://db:5432"
+        );
     }
 
     #[test]

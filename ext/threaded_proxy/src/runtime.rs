@@ -16,8 +16,8 @@ use crate::callbacks::CallbackBridge;
 use crate::errors::ProxyError;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
+use crate::origin::Upstream;
 use crate::stats::Stats;
-use crate::upstream::Upstream;
 
 /// Process-wide settings from `ThreadedProxy.configure`.
 #[derive(Debug, Clone)]

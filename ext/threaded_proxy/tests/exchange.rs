@@ -345,7 +345,7 @@ fn through_both_clients(response: &[u8]) -> [(&'static str, String); 2] {
     let get = spec(&url, CallbackSet::default(), Duration::from_secs(5));
     let post = ExchangeSpec {
         method: http::Method::POST,
-        body: threaded_proxy::upstream::BodySource::Bytes(Bytes::from_static(b"posted")),
+        body: threaded_proxy::origin::BodySource::Bytes(Bytes::from_static(b"posted")),
         ..spec(&url, CallbackSet::default(), Duration::from_secs(5))
     };
     [

@@ -16,8 +16,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use threaded_proxy::exchange::{self, ExchangeSpec};
+use threaded_proxy::origin::{BodySource, TlsSettings};
 use threaded_proxy::runtime;
-use threaded_proxy::upstream::{BodySource, TlsSettings};
 
 /// Serves h2 only (ALPN "h2"); answers with the protocol version it saw.
 fn h2_origin(connections: Arc<AtomicUsize>) -> String {

@@ -11,8 +11,8 @@ use tokio::sync::Semaphore;
 
 use super::store::{ms, now_ms, Claimed, ClaimedBody, DeliveryStore, StoreResult, BODY_CHUNK};
 use super::{random_unit, Delivery, DeliverySettings};
+use crate::origin::{self, BodySource, TlsSettings};
 use crate::runtime;
-use crate::upstream::{self, BodySource, TlsSettings};
 
 /// What one attempt came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -279,6 +279,7 @@ pub async fn send(settings: &DeliverySettings, store: &Arc<dyn DeliveryStore>, r
     let client = match runtime::current().and_then(|proxy| {
         proxy
             .upstream
+            .hyper
             .client(&TlsSettings::default(), settings.connect_timeout, &url)
     }) {
         Ok(client) => client,
@@ -286,7 +287,7 @@ pub async fn send(settings: &DeliverySettings, store: &Arc<dyn DeliveryStore>, r
     };
     let response = match tokio::time::timeout_at(deadline, client.request(request)).await {
         Err(_) => return Answer::Failed(format!("timed out after {:?}", settings.timeout)),
-        Ok(Err(e)) => return Answer::Failed(upstream::classify(&e, &url).to_string()),
+        Ok(Err(e)) => return Answer::Failed(origin::error::classify(&e, &url).to_string()),
         Ok(Ok(response)) => response,
     };
     let status = response.status().as_u16();
@@ -313,7 +314,7 @@ pub async fn send(settings: &DeliverySettings, store: &Arc<dyn DeliveryStore>, r
 fn build_request(
     store: &Arc<dyn DeliveryStore>,
     row: Claimed,
-) -> Result<http::Request<upstream::RequestBody>, String> {
+) -> Result<http::Request<origin::RequestBody>, String> {
     let method = http::Method::from_bytes(row.method.as_bytes()).map_err(|e| format!("bad method: {e}"))?;
     let mut builder = http::Request::builder().method(method).uri(&row.url);
     for (name, value) in &row.headers {

@@ -15,9 +15,9 @@ use crate::exchange::{self, CallbackSet, ExchangeSpec, Timeouts, TunnelTarget};
 use crate::handoff;
 use crate::headers::ClientRequest;
 use crate::metrics::{Metrics, Value as Metric};
+use crate::origin::{BodySource, TlsSettings};
 use crate::origin_url::{self, Kind};
 use crate::runtime::{self, Settings};
-use crate::upstream::{BodySource, TlsSettings};
 
 fn key<T: TryConvert>(ruby: &Ruby, hash: RHash, name: &str) -> Result<T, Error> {
     hash.fetch::<Symbol, T>(ruby.to_symbol(name))
@@ -50,9 +50,9 @@ fn start_exchange(ruby: &Ruby, fd: i32, spec: RHash) -> Result<(), Error> {
         } else {
             Kind::Http
         };
-        let url = origin_url::check(&url, kind)
-            .map_err(|message| errors::argument_error(ruby, message))?
-            .url;
+        let target =
+            origin_url::check(&url, kind).map_err(|message| errors::argument_error(ruby, message))?;
+        let url = target.url.as_str();
         let body = match opt::<Value>(ruby, spec, "body")? {
             None => BodySource::Empty,
             Some(value) if value.is_nil() => BodySource::Empty,
@@ -65,9 +65,9 @@ fn start_exchange(ruby: &Ruby, fd: i32, spec: RHash) -> Result<(), Error> {
                         (crate::limits::out_of_fds(e.raw_os_error()), runtime::current())
                     {
                         let id = key(ruby, spec, "id").unwrap_or(0);
-                        exchange::refused(proxy, id, &method, &url, &fd_overload(&url, "body", &e));
+                        exchange::refused(proxy, id, &method, url, &fd_overload(url, "body", &e));
                     }
-                    dup_failed(ruby, &url, "body", &e)
+                    dup_failed(ruby, url, "body", &e)
                 })?;
                 BodySource::File {
                     file: std::fs::File::from(owned),
@@ -79,7 +79,7 @@ fn start_exchange(ruby: &Ruby, fd: i32, spec: RHash) -> Result<(), Error> {
         let spec = ExchangeSpec {
             id: key(ruby, spec, "id")?,
             method,
-            url,
+            target: target.clone(),
             headers: parse_headers(ruby, key(ruby, spec, "headers")?)?,
             body,
             client: ClientRequest {
@@ -103,9 +103,10 @@ fn start_exchange(ruby: &Ruby, fd: i32, spec: RHash) -> Result<(), Error> {
             },
             max_buffered_body: key(ruby, spec, "max_buffered_body")?,
             upgrade: opt::<Bytes>(ruby, spec, "upgrade")?,
+            // The address Ruby sends is the one `check_url` gave it; the
+            // target's own is used.
             tunnel: match tunnel_address {
-                Some(address) => Some(TunnelTarget {
-                    address,
+                Some(_) => Some(TunnelTarget {
                     upgrade: opt::<Bytes>(ruby, spec, "tunnel_upgrade")?,
                 }),
                 None => None,
@@ -122,7 +123,7 @@ fn start_exchange(ruby: &Ruby, fd: i32, spec: RHash) -> Result<(), Error> {
             match exchange::admit(proxy, &spec) {
                 Ok(permit) => Some(permit),
                 Err(err) => {
-                    exchange::refused(proxy, spec.id, &spec.method, &spec.url, &err);
+                    exchange::refused(proxy, spec.id, &spec.method, &spec.target.url, &err);
                     return Err(errors::raise(ruby, &err));
                 }
             }
@@ -130,10 +131,10 @@ fn start_exchange(ruby: &Ruby, fd: i32, spec: RHash) -> Result<(), Error> {
         let client = match handoff::duplicate(fd) {
             Ok(client) => client,
             Err(e) => {
-                let err = dup_failed(ruby, &spec.url, "client", &e);
+                let err = dup_failed(ruby, &spec.target.url, "client", &e);
                 if crate::limits::out_of_fds(e.raw_os_error()) {
-                    let overload = fd_overload(&spec.url, "client", &e);
-                    exchange::refused(proxy, spec.id, &spec.method, &spec.url, &overload);
+                    let overload = fd_overload(&spec.target.url, "client", &e);
+                    exchange::refused(proxy, spec.id, &spec.method, &spec.target.url, &overload);
                 }
                 return Err(err);
             }

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use threaded_proxy::exchange::{CallbackSet, ExchangeSpec, Timeouts};
 use threaded_proxy::headers::ClientRequest;
-use threaded_proxy::upstream::{BodySource, TlsSettings};
+use threaded_proxy::origin::{BodySource, TlsSettings};
+use threaded_proxy::origin_url::{self, Kind};
 
 /// A GET of `url` for an HTTP/1.1 client: no headers, no callbacks,
 /// 2 s to connect, 5 s for the head and between reads.
@@ -13,7 +14,7 @@ pub fn get(id: u64, url: &str) -> ExchangeSpec {
     ExchangeSpec {
         id,
         method: http::Method::GET,
-        url: url.to_owned(),
+        target: origin_url::check(url, Kind::Http).expect("a valid test URL"),
         headers: vec![],
         body: BodySource::Empty,
         client: ClientRequest {
