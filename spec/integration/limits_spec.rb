@@ -193,7 +193,12 @@ RSpec.describe "admission at the file-descriptor limit" do
     expect(stats["failed_overload"]).to eq(by_status.fetch("503", 0))
     expect(RawHTTP.request("#{@puma.url}/proxy/bytes?n=#{SPLICED_BODY}").status).to eq(200)
     expect(RawHTTP.request("#{@puma.url}/inline").status).to eq(200)
-    expect(@puma.log.scan("Too many open files").size).to be < 10, @puma.log.lines.last(20).join
+    # Puma's own accept errors (main logged thousands) and 500s; the gem's
+    # log line for each 503 it answered (it ran out of descriptors for the
+    # client's duplicate or the origin socket: Puma 8 holds more accepted
+    # sockets before it hands them over) is an overload answered right.
+    fd_errors = @puma.log.lines.grep(/Too many open files/).grep_v(/\A\[threaded-proxy\] .* failed \(overload\)/)
+    expect(fd_errors.size).to be < 10, fd_errors.last(20).join
   end
 end
 
