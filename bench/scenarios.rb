@@ -93,8 +93,13 @@ module Bench
     # heap has grown by then, to tell memory held per stream from heap growth.
     def sse
       limit = SSE_STREAMS + 100
+      # A stream holds two descriptors (client, origin): the default
+      # fd_budget keeps an eighth of the limit for Puma (8,622 streams at
+      # 20,000 fds), so the scenario raises it with max_connections, as a
+      # deployment built for this many streams would.
       env = { "THREADED_PROXY_MAX_CONNECTIONS" => limit.to_s,
-              "THREADED_PROXY_MAX_CONNECTIONS_PER_ORIGIN" => limit.to_s }
+              "THREADED_PROXY_MAX_CONNECTIONS_PER_ORIGIN" => limit.to_s,
+              "THREADED_PROXY_FD_BUDGET" => (2 * limit).to_s }
       with_stack(puma_env: env) do |stack|
         origin = stack[:origin]
         list = paths(stack, "/sse?interval_ms=5000", proxy: "/bench/proxy/sse?interval_ms=5000", edge: true)

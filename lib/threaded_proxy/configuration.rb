@@ -4,11 +4,6 @@ module ThreadedProxy
   # Process-wide settings. Timeouts are defaults for each proxy_fetch call;
   # limits and thread counts apply to the whole process.
   class Configuration
-    # Descriptors kept out of fd_budget for the app server and the app
-    # (listeners, logs, sockets accepted but not handed over yet, idle
-    # pooled origin connections): RESERVED_FDS plus an eighth of the soft
-    # limit. Same rule as ext/threaded_proxy/src/limits.rs reserved_fds.
-    RESERVED_FDS = 256
     # A copied exchange holds two descriptors (client, origin); a spliced
     # one five, which the budget accounts for per exchange.
     FDS_PER_EXCHANGE = 2
@@ -46,7 +41,10 @@ module ThreadedProxy
                   :async_retry_on
 
     def initialize
-      @fd_budget = default_fd_budget
+      # The soft descriptor limit less room for the app server and the app
+      # (listeners, logs, sockets accepted but not handed over yet, idle
+      # pooled origin connections): the rule is Rust's (limits.rs).
+      @fd_budget = Native.default_fd_budget
       @max_connections = [@fd_budget / FDS_PER_EXCHANGE, 16].max
       @max_connections_per_origin = @max_connections
       @connect_timeout = 5.0
@@ -112,13 +110,6 @@ module ThreadedProxy
       return if allowed_hosts.nil? || allowed_hosts.is_a?(Array)
 
       raise ArgumentError, "allowed_hosts must be nil or an Array of Strings and Regexps"
-    end
-
-    def default_fd_budget
-      soft, = Process.getrlimit(:NOFILE)
-      [soft - RESERVED_FDS - (soft / 8), 32].max
-    rescue StandardError
-      1024
     end
   end
 end

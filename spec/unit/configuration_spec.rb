@@ -7,9 +7,11 @@ RSpec.describe ThreadedProxy::Configuration do
 
   it "sizes fd_budget and max_connections to the file-descriptor limit, leaving room for the app server" do
     soft, = Process.getrlimit(:NOFILE)
-    expect(configuration.fd_budget).to eq([soft - described_class::RESERVED_FDS - (soft / 8), 32].max)
+    # Rust's rule (limits::default_fd_budget, unit-tested there): the soft
+    # limit less 256 and an eighth of it.
+    expect(configuration.fd_budget).to eq(ThreadedProxy::Native.default_fd_budget)
+    expect(configuration.fd_budget).to eq([soft - 256 - (soft / 8), 32].max)
     expect(configuration.max_connections).to eq([configuration.fd_budget / 2, 16].max)
-    expect(configuration.max_connections * 2).to be <= soft - described_class::RESERVED_FDS - (soft / 8)
   end
 
   it "refuses nonsense before it reaches Rust" do

@@ -298,6 +298,12 @@ fn wait_idle(ruby: &Ruby, timeout: f64) -> Result<bool, Error> {
     })
 }
 
+/// The default `fd_budget` for this process's descriptor limit, for Ruby's
+/// `Configuration` (one rule: `limits::default_fd_budget`).
+fn default_fd_budget() -> usize {
+    crate::limits::default_fd_budget(crate::limits::soft_fd_limit())
+}
+
 /// Aborts every running exchange.
 fn cut() {
     if let Some(proxy) = runtime::existing() {
@@ -337,6 +343,7 @@ pub fn define(native: &magnus::RModule) -> Result<(), Error> {
     native.define_module_function("check_url", function!(check_url, 2))?;
     native.define_module_function("next_job", function!(next_job, 1))?;
     native.define_module_function("configure", function!(configure, 1))?;
+    native.define_module_function("default_fd_budget", function!(default_fd_budget, 0))?;
     native.define_module_function("stats", function!(stats, 0))?;
     native.define_module_function("metrics_text", function!(metrics_text, 1))?;
     native.define_module_function("stop_accepting", function!(stop_accepting, 0))?;
