@@ -121,17 +121,17 @@ pub fn exchange_fds(spec: &ExchangeSpec) -> usize {
 pub fn admit(proxy: &'static Proxy, spec: &ExchangeSpec) -> Result<Permit<'static>, ProxyError> {
     if !proxy.accepting() {
         return Err(ProxyError::Overload {
-            url: spec.target.url.clone(),
+            url: spec.target.url(),
             message: "shutting down".to_owned(),
         });
     }
     proxy
         .limits
-        .try_acquire(&spec.target.origin_key, exchange_fds(spec))
+        .try_acquire(&spec.target.origin_key(), exchange_fds(spec))
         .map_err(|message| {
             proxy.stats.rejected.fetch_add(1, Relaxed);
             ProxyError::Overload {
-                url: spec.target.url.clone(),
+                url: spec.target.url(),
                 message: message.to_owned(),
             }
         })
@@ -181,7 +181,7 @@ async fn run(proxy: &'static Proxy, spec: ExchangeSpec, client: OwnedFd, permit:
         Err(e) => {
             let summary = Summary {
                 method: spec.method.to_string(),
-                url: spec.target.url.clone(),
+                url: spec.target.url(),
                 status: None,
                 head: None,
                 bytes_from_origin: 0,
@@ -270,7 +270,7 @@ where
     let spec = &exchange.spec;
     let summary = Summary {
         method: spec.method.to_string(),
-        url: spec.target.url.clone(),
+        url: spec.target.url(),
         status: exchange.status,
         head: exchange.sent_head.take(),
         bytes_from_origin: exchange.bytes_from_origin,
@@ -327,8 +327,8 @@ struct Exchange<R, W> {
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
-    fn url(&self) -> &str {
-        &self.spec.target.url
+    fn url(&self) -> String {
+        self.spec.target.url()
     }
 
     /// Runs the exchange; on a failure before the head went out, answers
@@ -372,14 +372,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         }
         if headers::ambiguous_framing(&origin_headers) {
             return Err(ProxyError::Upstream {
-                url: self.spec.target.url.clone(),
+                url: self.spec.target.url(),
                 message: "response has both Content-Length and Transfer-Encoding".to_owned(),
                 errno: None,
             });
         }
         if headers::unsupported_transfer_coding(&origin_headers) {
             return Err(ProxyError::Upstream {
-                url: self.spec.target.url.clone(),
+                url: self.spec.target.url(),
                 message: "response has a transfer coding other than a lone chunked".to_owned(),
                 errno: None,
             });
@@ -398,7 +398,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         if self.spec.callbacks.on_headers {
             let reply = proxy
                 .callbacks
-                .call(self.spec.id, CallbackEvent::Headers(head), self.url())
+                .call(self.spec.id, CallbackEvent::Headers(head), &self.url())
                 .await?;
             proxy.stats.callbacks_run.fetch_add(1, Relaxed);
             head = match reply {
@@ -496,7 +496,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         self.writer.add_body_written(spliced);
         drop(splicer);
         self.release_splice_fds();
-        copied.map_err(|end| end.into_error(&self.spec.target.url, self.spec.timeouts.idle))?;
+        copied.map_err(|end| end.into_error(&self.spec.target.url(), self.spec.timeouts.idle))?;
         body.spliced_to_end();
         self.finish().await
     }
@@ -519,7 +519,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         };
         if self.spec.callbacks.on_headers {
             let event = CallbackEvent::Headers(head);
-            head = match self.proxy.callbacks.call(self.spec.id, event, self.url()).await? {
+            head = match self
+                .proxy
+                .callbacks
+                .call(self.spec.id, event, &self.url())
+                .await?
+            {
                 CallbackReply::Continue(changed) => changed,
                 // The callback refused the switch with its own answer.
                 CallbackReply::Render(rendered) => return self.write_rendered(rendered).await,
@@ -531,14 +536,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
             Ok(Ok(upgraded)) => upgraded,
             Ok(Err(e)) => {
                 return Err(ProxyError::Upstream {
-                    url: self.spec.target.url.clone(),
+                    url: self.spec.target.url(),
                     message: format!("upgrade failed: {e}"),
                     errno: None,
                 })
             }
             Err(_) => {
                 return Err(ProxyError::Timeout {
-                    url: self.spec.target.url.clone(),
+                    url: self.spec.target.url(),
                     phase: "upgrading the origin connection",
                 })
             }
@@ -551,17 +556,17 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
     /// `proxy_tunnel`: connect to a raw TCP service, answer 101 (or 200 for
     /// CONNECT), then copy bytes both ways.
     async fn raw_tunnel(&mut self, target: TunnelTarget) -> Result<(), ProxyError> {
-        let connect = tokio::net::TcpStream::connect(self.spec.target.address.as_str());
+        let connect = tokio::net::TcpStream::connect(self.spec.target.address());
         let stream = match tokio::time::timeout(self.spec.timeouts.connect, connect).await {
             Err(_) => {
                 return Err(ProxyError::Timeout {
-                    url: self.spec.target.url.clone(),
+                    url: self.spec.target.url(),
                     phase: "connecting",
                 })
             }
             Ok(Err(e)) => {
                 return Err(ProxyError::Connect {
-                    url: self.spec.target.url.clone(),
+                    url: self.spec.target.url(),
                     message: e.to_string(),
                     errno: e.raw_os_error(),
                 })
@@ -618,11 +623,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
                 Ok(())
             }
             Err(TunnelEnd::Idle) => Err(ProxyError::Timeout {
-                url: self.spec.target.url.clone(),
+                url: self.spec.target.url(),
                 phase: "in an idle tunnel",
             }),
             Err(TunnelEnd::Failed(message)) => Err(ProxyError::Upstream {
-                url: self.spec.target.url.clone(),
+                url: self.spec.target.url(),
                 message,
                 errno: None,
             }),
@@ -637,14 +642,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
 
     fn callback_error(&self, message: String) -> ProxyError {
         ProxyError::Callback {
-            url: self.spec.target.url.clone(),
+            url: self.spec.target.url(),
             message,
         }
     }
 
     fn validate_head(&self, headers: &HeaderList) -> Result<(), ProxyError> {
         headers::validate_all(headers).map_err(|message| ProxyError::InvalidHeader {
-            url: self.spec.target.url.clone(),
+            url: self.spec.target.url(),
             message,
         })
     }
@@ -790,7 +795,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
         while let Some(data) = self.next_data(&mut body, true).await? {
             if buf.len() + data.len() > limit {
                 return Err(ProxyError::BodyTooLarge {
-                    url: self.spec.target.url.clone(),
+                    url: self.spec.target.url(),
                     limit,
                 });
             }
@@ -810,7 +815,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
             let frame = match tokio::time::timeout(self.spec.timeouts.idle, body.frame()).await {
                 Err(_) => {
                     return Err(ProxyError::Timeout {
-                        url: self.spec.target.url.clone(),
+                        url: self.spec.target.url(),
                         phase: "waiting for the response body",
                     })
                 }
@@ -818,7 +823,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
                 Ok(Some(Err(e))) => {
                     let e: BoxError = e.into();
                     return Err(ProxyError::Upstream {
-                        url: self.spec.target.url.clone(),
+                        url: self.spec.target.url(),
                         message: origin::error::error_chain(e.as_ref()),
                         errno: None,
                     });
@@ -853,7 +858,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
             self.spec.id,
             CallbackEvent::Response(head.clone()),
             Some(body_tx),
-            &self.spec.target.url,
+            &self.spec.target.url(),
         )?;
         let deadline = tokio::time::Instant::now() + proxy.callbacks.reply_timeout;
         let mut origin_body = Some(body);
@@ -865,7 +870,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
                     let result = match (&buffered, origin_body.take()) {
                         (Some(bytes), _) => Ok(bytes.clone()),
                         (None, Some(body)) => self.read_whole(body).await,
-                        (None, None) => Err(ProxyError::BodyTooLarge { url: self.spec.target.url.clone(), limit: self.spec.max_buffered_body }),
+                        (None, None) => Err(ProxyError::BodyTooLarge { url: self.spec.target.url(), limit: self.spec.max_buffered_body }),
                     };
                     if let Ok(bytes) = &result {
                         buffered = Some(bytes.clone());
@@ -937,7 +942,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
 
     fn file_error(&self, e: std::io::Error) -> ProxyError {
         ProxyError::Callback {
-            url: self.spec.target.url.clone(),
+            url: self.spec.target.url(),
             message: format!("cannot read the rendered body: {e}"),
         }
     }
@@ -950,7 +955,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Exchange<R, W> {
             match self
                 .proxy
                 .callbacks
-                .call(self.spec.id, event, &self.spec.target.url)
+                .call(self.spec.id, event, &self.spec.target.url())
                 .await
             {
                 Ok(CallbackReply::Render(rendered)) => return self.write_rendered(rendered).await,

@@ -75,7 +75,7 @@ impl Metrics {
     /// first form wins), else "other".
     pub fn host_label(&self, target: &Target) -> String {
         let host = target.host_in_url().to_ascii_lowercase();
-        let with_port = target.address.to_ascii_lowercase();
+        let with_port = target.address().to_ascii_lowercase();
         let hosts = self.hosts.read().unwrap_or_else(|e| e.into_inner());
         if hosts.contains(&with_port) {
             with_port

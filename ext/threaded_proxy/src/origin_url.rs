@@ -18,31 +18,21 @@ use std::net::Ipv6Addr;
 
 /// An origin URL that passed, parsed once, as the origin clients, the
 /// limits and the metrics use it.
+///
+/// It holds the parsed canonical URL and nothing derivable from it: the
+/// host, port, address, keys, Host header and path are read off the
+/// `http::Uri` on use. An open stream keeps its target for hours, so each
+/// derived string stored here was heap (and exchange-future size) paid per
+/// stream; deriving them costs a small allocation where one is asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
-    /// The canonical URL: scheme, authority without user info, a path
-    /// that starts with `/`, the query; no fragment.
-    pub url: String,
-    pub scheme: Scheme,
-    /// The host the connection goes to (brackets of an IPv6 literal
-    /// removed): what `allowed_hosts` must be matched against, and what a
-    /// resolver takes.
-    pub host: String,
-    /// The port, the scheme's default filled in.
-    pub port: u16,
-    /// `host:port` with the default port filled in (brackets kept), for a
-    /// socket connect; also the HTTP/1.1 pool's key.
-    pub address: String,
-    /// `scheme://host:port` (brackets kept, the default port filled in):
-    /// the key of the per-origin limit.
-    pub origin_key: String,
-    /// The Host header the gem's own client sends: the host as written,
-    /// with the port only when the URL names one other than the default.
-    pub host_header: String,
-    /// The request target on the wire: `/` at least, the query kept.
-    pub path_and_query: String,
-    /// The canonical URL as `http::Uri`, for hyper.
-    pub uri: http::Uri,
+    /// The canonical URL (scheme, authority without user info, a path that
+    /// starts with `/`, the query; no fragment) as `http::Uri`: the one
+    /// copy of its text, which hyper takes as is.
+    uri: http::Uri,
+    /// The scheme `check` decided on (no heap): it says which default port
+    /// applies and how the URL is written back (`tcp://` has no path).
+    scheme: Scheme,
 }
 
 /// The scheme of a [`Target`], lowercased.
@@ -62,14 +52,95 @@ impl Scheme {
             Scheme::Tcp => "tcp",
         }
     }
+
+    /// The port a URL without one means (a `tcp://` URL always names its
+    /// own: `check` refuses one without).
+    fn default_port(self) -> u16 {
+        match self {
+            Scheme::Http => 80,
+            Scheme::Https => 443,
+            Scheme::Tcp => 0,
+        }
+    }
 }
 
 impl Target {
+    /// The scheme, lowercased.
+    pub fn scheme(&self) -> Scheme {
+        self.scheme
+    }
+
+    /// The canonical URL as `http::Uri`, for hyper.
+    pub fn uri(&self) -> &http::Uri {
+        &self.uri
+    }
+
+    /// The canonical URL: what errors, summaries and callbacks name.
+    pub fn url(&self) -> String {
+        self.to_string()
+    }
+
+    /// The authority as the URL writes it: host (an IPv6 literal in
+    /// brackets) and the port when the URL names one.
+    fn authority(&self) -> &str {
+        self.uri.authority().map_or("", |a| a.as_str())
+    }
+
     /// The host as the URL writes it (an IPv6 literal in brackets).
     pub fn host_in_url(&self) -> &str {
-        self.address
-            .rsplit_once(':')
-            .map_or(self.address.as_str(), |(host, _)| host)
+        self.uri.host().unwrap_or("")
+    }
+
+    /// The host the connection goes to (brackets of an IPv6 literal
+    /// removed): what `allowed_hosts` must be matched against, and what a
+    /// resolver takes.
+    pub fn host(&self) -> &str {
+        let host = self.host_in_url();
+        host.strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host)
+    }
+
+    /// The port, the scheme's default filled in.
+    pub fn port(&self) -> u16 {
+        self.uri.port_u16().unwrap_or(self.scheme.default_port())
+    }
+
+    /// `host:port` with the default port filled in (brackets kept), for a
+    /// socket connect; also the HTTP/1.1 pool's key.
+    pub fn address(&self) -> String {
+        format!("{}:{}", self.host_in_url(), self.port())
+    }
+
+    /// `scheme://host:port` (brackets kept, the default port filled in):
+    /// the key of the per-origin limit.
+    pub fn origin_key(&self) -> String {
+        format!("{}://{}", self.scheme.as_str(), self.address())
+    }
+
+    /// The Host header the gem's own client sends: the host as written,
+    /// with the port only when the URL names one other than the default.
+    pub fn host_header(&self) -> &str {
+        match self.uri.port_u16() {
+            Some(port) if port != self.scheme.default_port() => self.authority(),
+            _ => self.host_in_url(),
+        }
+    }
+
+    /// The request target on the wire: `/` at least, the query kept.
+    pub fn path_and_query(&self) -> &str {
+        self.uri.path_and_query().map_or("/", |p| p.as_str())
+    }
+}
+
+impl std::fmt::Display for Target {
+    /// The canonical URL (a `tcp://` target has no path).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = self.scheme.as_str();
+        match self.scheme {
+            Scheme::Tcp => write!(f, "{scheme}://{}", self.authority()),
+            _ => write!(f, "{scheme}://{}{}", self.authority(), self.path_and_query()),
+        }
     }
 }
 
@@ -121,8 +192,7 @@ pub fn check(url: &str, kind: Kind) -> Result<Target, String> {
     if authority.as_str().contains('@') {
         return Err(format!("url must not carry user info: {:?}", authority.host()));
     }
-    let host =
-        check_host(authority.host()).map_err(|why| format!("url has an invalid host ({why}): {url:?}"))?;
+    check_host(authority.host()).map_err(|why| format!("url has an invalid host ({why}): {url:?}"))?;
     // `http::Uri` reads the port as the text after the host's last ':';
     // it must be 1-65535 in plain digits ("" means the default).
     let port_text = &authority.as_str()[authority.host().len()..];
@@ -142,31 +212,18 @@ pub fn check(url: &str, kind: Kind) -> Result<Target, String> {
             }
         },
     };
-    let (scheme, default_port) = match scheme.as_str() {
-        "https" => (Scheme::Https, 443),
-        "http" => (Scheme::Http, 80),
-        _ => match port {
-            Some(port) => (Scheme::Tcp, port),
-            None => return Err(format!("{wanted}, got {url:?} (no port)")),
-        },
+    let scheme = match scheme.as_str() {
+        "https" => Scheme::Https,
+        "http" => Scheme::Http,
+        _ if port.is_some() => Scheme::Tcp,
+        _ => return Err(format!("{wanted}, got {url:?} (no port)")),
     };
     let host_text = authority.host();
-    let address = format!("{host_text}:{}", port.unwrap_or(default_port));
-    let origin_key = format!("{}://{address}", scheme.as_str());
-    let host_header = match port {
-        Some(port) if port != default_port => format!("{host_text}:{port}"),
-        _ => host_text.to_owned(),
-    };
     let authority = match port {
         Some(port) => format!("{host_text}:{port}"),
         None => host_text.to_owned(),
     };
     let path_and_query = uri.path_and_query().map_or("", |p| p.as_str());
-    let wire_path = if path_and_query.starts_with('/') {
-        path_and_query.to_owned()
-    } else {
-        format!("/{path_and_query}")
-    };
     let url = match kind {
         Kind::Tcp => {
             if !matches!(path_and_query, "" | "/")
@@ -178,7 +235,10 @@ pub fn check(url: &str, kind: Kind) -> Result<Target, String> {
             }
             format!("tcp://{authority}")
         }
-        Kind::Http => format!("{}://{authority}{wire_path}", scheme.as_str()),
+        Kind::Http if path_and_query.starts_with('/') => {
+            format!("{}://{authority}{path_and_query}", scheme.as_str())
+        }
+        Kind::Http => format!("{}://{authority}/{path_and_query}", scheme.as_str()),
     };
     // Parsed again only when normalising changed it (it still parses: it
     // is the input, normalised).
@@ -187,27 +247,17 @@ pub fn check(url: &str, kind: Kind) -> Result<Target, String> {
     } else {
         url.parse().map_err(|e| format!("malformed url {url:?}: {e}"))?
     };
-    Ok(Target {
-        port: port.unwrap_or(default_port),
-        url,
-        scheme,
-        host,
-        address,
-        origin_key,
-        host_header,
-        path_and_query: wire_path,
-        uri,
-    })
+    Ok(Target { uri, scheme })
 }
 
 /// The host as a resolver or a socket takes it: an IPv6 literal in
 /// brackets, else a name or IPv4 address of letters, digits, '-', '_' and
 /// dots, in labels of 1 to 63 bytes (a trailing dot is fine).
-fn check_host(host: &str) -> Result<String, &'static str> {
+fn check_host(host: &str) -> Result<(), &'static str> {
     if let Some(inner) = host.strip_prefix('[') {
         let inner = inner.strip_suffix(']').ok_or("unclosed bracket")?;
         inner.parse::<Ipv6Addr>().map_err(|_| "not an IPv6 address")?;
-        return Ok(inner.to_owned());
+        return Ok(());
     }
     let name = host.strip_suffix('.').unwrap_or(host);
     if name.len() > 253 {
@@ -224,7 +274,7 @@ fn check_host(host: &str) -> Result<String, &'static str> {
             return Err("only letters, digits, '-', '_' and '.'");
         }
     }
-    Ok(host.to_owned())
+    Ok(())
 }
 
 #[cfg(test)]
@@ -244,57 +294,55 @@ mod tests {
 
     #[test]
     fn a_url_without_a_path_gets_slash() {
-        assert_eq!(ok("http://h:1234?x=1").url, "http://h:1234/?x=1");
-        assert_eq!(ok("http://h").url, "http://h/");
+        assert_eq!(ok("http://h:1234?x=1").url(), "http://h:1234/?x=1");
+        assert_eq!(ok("http://h").url(), "http://h/");
         assert_eq!(
-            ok("HTTPS://Files.Internal/a?b#frag").url,
+            ok("HTTPS://Files.Internal/a?b#frag").url(),
             "https://Files.Internal/a?b"
         );
-        assert_eq!(ok("http://h:/p").url, "http://h/p");
-        assert_eq!(ok("http://h:0080/p").url, "http://h:80/p");
+        assert_eq!(ok("http://h:/p").url(), "http://h/p");
+        assert_eq!(ok("http://h:0080/p").url(), "http://h:80/p");
     }
 
     #[test]
     fn hosts_and_addresses() {
         let checked = ok("http://[::1]:8080");
         assert_eq!(
-            (checked.host.as_str(), checked.address.as_str()),
-            ("::1", "[::1]:8080")
+            (checked.host(), checked.address()),
+            ("::1", "[::1]:8080".to_owned())
         );
-        assert_eq!(ok("https://a_b.example.").address, "a_b.example.:443");
-        assert_eq!(ok("http://127.0.0.1/").address, "127.0.0.1:80");
+        assert_eq!(ok("https://a_b.example.").address(), "a_b.example.:443");
+        assert_eq!(ok("http://127.0.0.1/").address(), "127.0.0.1:80");
     }
 
     #[test]
     fn targets_carry_the_keys_host_header_and_path() {
         let t = ok("http://example.com/a?b=1");
         assert_eq!(
+            (t.address(), t.host_header(), t.path_and_query(), t.origin_key()),
             (
-                t.address.as_str(),
-                t.host_header.as_str(),
-                t.path_and_query.as_str(),
-                t.origin_key.as_str()
-            ),
-            ("example.com:80", "example.com", "/a?b=1", "http://example.com:80")
+                "example.com:80".to_owned(),
+                "example.com",
+                "/a?b=1",
+                "http://example.com:80".to_owned()
+            )
         );
         let t = ok("http://[::1]:8080");
         assert_eq!(
-            (
-                t.host.as_str(),
-                t.port,
-                t.host_header.as_str(),
-                t.path_and_query.as_str()
-            ),
+            (t.host(), t.port(), t.host_header(), t.path_and_query()),
             ("::1", 8080, "[::1]:8080", "/")
         );
         assert_eq!(t.host_in_url(), "[::1]");
-        assert_eq!(ok("http://h:80/").host_header, "h");
-        assert_eq!(ok("https://h:8443/").host_header, "h:8443");
-        assert_eq!(ok("https://a.test/").origin_key, "https://a.test:443");
-        assert_eq!(ok("http://127.0.0.1:9000/p").origin_key, "http://127.0.0.1:9000");
-        assert_eq!(ok("HTTPS://A.test?q").uri, "https://A.test/?q");
+        assert_eq!(ok("http://h:80/").host_header(), "h");
+        assert_eq!(ok("https://h:8443/").host_header(), "h:8443");
+        assert_eq!(ok("https://a.test/").origin_key(), "https://a.test:443");
         assert_eq!(
-            check("tcp://db:5432", Kind::Tcp).unwrap().origin_key,
+            ok("http://127.0.0.1:9000/p").origin_key(),
+            "http://127.0.0.1:9000"
+        );
+        assert_eq!(ok("HTTPS://A.test?q").uri(), "https://A.test/?q");
+        assert_eq!(
+            check("tcp://db:5432", Kind::Tcp).unwrap().origin_key(),
             "tcp://db:5432"
         );
     }
@@ -339,15 +387,11 @@ mod tests {
     fn tunnel_targets() {
         let checked = check("tcp://[::1]:5432", Kind::Tcp).unwrap();
         assert_eq!(
-            (
-                checked.url.as_str(),
-                checked.address.as_str(),
-                checked.host.as_str()
-            ),
-            ("tcp://[::1]:5432", "[::1]:5432", "::1")
+            (checked.url(), checked.address(), checked.host()),
+            ("tcp://[::1]:5432".to_owned(), "[::1]:5432".to_owned(), "::1")
         );
         assert_eq!(
-            check("TCP://db.internal:5432", Kind::Tcp).unwrap().address,
+            check("TCP://db.internal:5432", Kind::Tcp).unwrap().address(),
             "db.internal:5432"
         );
         for target in [

@@ -12,6 +12,7 @@ use tokio::sync::Semaphore;
 use super::store::{ms, now_ms, Claimed, ClaimedBody, DeliveryStore, StoreResult, BODY_CHUNK};
 use super::{random_unit, Delivery, DeliverySettings};
 use crate::origin::{self, BodySource, TlsSettings};
+use crate::origin_url::{self, Kind, Target};
 use crate::runtime;
 
 /// What one attempt came to.
@@ -271,8 +272,14 @@ async fn attempt(delivery: &'static Delivery, row: Claimed) {
 /// Sends the request once, bounded by `settings.timeout` as a whole.
 pub async fn send(settings: &DeliverySettings, store: &Arc<dyn DeliveryStore>, row: Claimed) -> Answer {
     let deadline = tokio::time::Instant::now() + settings.timeout;
-    let url = row.url.clone();
-    let request = match build_request(store, row) {
+    // The URL was checked and made canonical when it was queued; parsed
+    // here by the same one parser into the target the request goes to.
+    let target = match origin_url::check(&row.url, Kind::Http) {
+        Ok(target) => target,
+        Err(message) => return Answer::Failed(message),
+    };
+    let url = target.url();
+    let request = match build_request(store, row, &target) {
         Ok(request) => request,
         Err(error) => return Answer::Failed(error),
     };
@@ -314,9 +321,10 @@ pub async fn send(settings: &DeliverySettings, store: &Arc<dyn DeliveryStore>, r
 fn build_request(
     store: &Arc<dyn DeliveryStore>,
     row: Claimed,
+    target: &Target,
 ) -> Result<http::Request<origin::RequestBody>, String> {
     let method = http::Method::from_bytes(row.method.as_bytes()).map_err(|e| format!("bad method: {e}"))?;
-    let mut builder = http::Request::builder().method(method).uri(&row.url);
+    let mut builder = http::Request::builder().method(method).uri(target.uri().clone());
     for (name, value) in &row.headers {
         let name = http::HeaderName::from_bytes(name.as_bytes())
             .map_err(|e| format!("bad header name {name:?}: {e}"))?;

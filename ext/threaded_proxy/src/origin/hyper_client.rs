@@ -53,7 +53,7 @@ impl HyperClients {
         request: &Request<'_>,
         body: BodySource,
     ) -> Result<http::Response<hyper::body::Incoming>, ProxyError> {
-        let client = self.client(request.tls, request.connect_timeout, &request.target.url)?;
+        let client = self.client(request.tls, request.connect_timeout, &request.target.url())?;
         let deadline = tokio::time::Instant::now() + request.header_timeout;
         let mut body = Some(body);
         let mut retries = REFUSED_RETRIES;
@@ -63,12 +63,12 @@ impl HyperClients {
             body = this_try.try_clone();
             let hyper_request = request.to_hyper(this_try)?;
             match tokio::time::timeout_at(deadline, client.request(hyper_request)).await {
-                Err(_) => return Err(waiting_for_headers(&request.target.url)),
+                Err(_) => return Err(waiting_for_headers(&request.target.url())),
                 Ok(Ok(response)) => return Ok(response),
                 Ok(Err(e)) if retries > 0 && body.is_some() && refused_unprocessed(&e) => {
                     retries -= 1;
                 }
-                Ok(Err(e)) => return Err(classify(&e, &request.target.url)),
+                Ok(Err(e)) => return Err(classify(&e, &request.target.url())),
             }
         }
     }

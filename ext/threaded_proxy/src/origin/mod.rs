@@ -59,7 +59,7 @@ impl Upstream {
     /// A status above 599, and a 101 nobody asked for, are a 502 from
     /// either client.
     pub async fn send(&self, request: &Request<'_>, body: BodySource) -> Result<Response, ProxyError> {
-        let (target, url) = (request.target, request.target.url.as_str());
+        let (target, url) = (request.target, &*request.target.url());
         if http1::serves(
             target,
             request.method,

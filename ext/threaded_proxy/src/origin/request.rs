@@ -38,9 +38,9 @@ impl Request<'_> {
     pub fn to_hyper(&self, body: BodySource) -> Result<http::Request<RequestBody>, ProxyError> {
         let mut builder = http::Request::builder()
             .method(self.method.clone())
-            .uri(self.target.uri.clone());
+            .uri(self.target.uri().clone());
         let to_origin = headers::to_origin(self.headers).map_err(|message| ProxyError::InvalidHeader {
-            url: self.target.url.clone(),
+            url: self.target.url(),
             message,
         })?;
         for (name, value) in to_origin {
@@ -55,7 +55,7 @@ impl Request<'_> {
             message: format!("cannot read the request body: {e}"),
         })?;
         builder.body(body).map_err(|e| ProxyError::InvalidHeader {
-            url: self.target.url.clone(),
+            url: self.target.url(),
             message: e.to_string(),
         })
     }

@@ -123,7 +123,7 @@ fn async_enqueue(ruby: &Ruby, spec: RHash) -> Result<i64, Error> {
         // The same judgement and canonical form as proxy_fetch's URL.
         let url = origin_url::check(&url, Kind::Http)
             .map_err(|message| errors::argument_error(ruby, message))?
-            .url;
+            .url();
         let headers = parse_headers(ruby, spec.fetch(ruby.to_symbol("headers"))?)?
             .into_iter()
             .map(|(name, value)| (name, value.to_vec()))

@@ -52,7 +52,7 @@ fn start_exchange(ruby: &Ruby, fd: i32, spec: RHash) -> Result<(), Error> {
         };
         let target =
             origin_url::check(&url, kind).map_err(|message| errors::argument_error(ruby, message))?;
-        let url = target.url.as_str();
+        let url = &*target.url();
         let body = match opt::<Value>(ruby, spec, "body")? {
             None => BodySource::Empty,
             Some(value) if value.is_nil() => BodySource::Empty,
@@ -123,7 +123,7 @@ fn start_exchange(ruby: &Ruby, fd: i32, spec: RHash) -> Result<(), Error> {
             match exchange::admit(proxy, &spec) {
                 Ok(permit) => Some(permit),
                 Err(err) => {
-                    exchange::refused(proxy, spec.id, &spec.method, &spec.target.url, &err);
+                    exchange::refused(proxy, spec.id, &spec.method, &spec.target.url(), &err);
                     return Err(errors::raise(ruby, &err));
                 }
             }
@@ -131,10 +131,10 @@ fn start_exchange(ruby: &Ruby, fd: i32, spec: RHash) -> Result<(), Error> {
         let client = match handoff::duplicate(fd) {
             Ok(client) => client,
             Err(e) => {
-                let err = dup_failed(ruby, &spec.target.url, "client", &e);
+                let err = dup_failed(ruby, &spec.target.url(), "client", &e);
                 if crate::limits::out_of_fds(e.raw_os_error()) {
-                    let overload = fd_overload(&spec.target.url, "client", &e);
-                    exchange::refused(proxy, spec.id, &spec.method, &spec.target.url, &overload);
+                    let overload = fd_overload(&spec.target.url(), "client", &e);
+                    exchange::refused(proxy, spec.id, &spec.method, &spec.target.url(), &overload);
                 }
                 return Err(err);
             }
@@ -173,7 +173,7 @@ fn check_url(ruby: &Ruby, url: String, tunnel: bool) -> Result<(String, String, 
         let kind = if tunnel { Kind::Tcp } else { Kind::Http };
         let checked =
             origin_url::check(&url, kind).map_err(|message| errors::argument_error(ruby, message))?;
-        Ok((checked.url, checked.host, checked.address))
+        Ok((checked.url(), checked.host().to_owned(), checked.address()))
     })
 }
 

@@ -34,7 +34,7 @@ pub(super) fn request_head(
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(target.path_and_query.as_bytes());
+    out.extend_from_slice(target.path_and_query().as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut has_host = false;
     let to_origin = headers::to_origin(request_headers).map_err(|message| ProxyError::InvalidHeader {
@@ -50,7 +50,7 @@ pub(super) fn request_head(
     }
     if !has_host {
         out.extend_from_slice(b"host: ");
-        out.extend_from_slice(target.host_header.as_bytes());
+        out.extend_from_slice(target.host_header().as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");

@@ -48,7 +48,7 @@ use codec::{read_head, request_head, upstream, upstream_io, HeadError};
 pub fn serves(target: &Target, method: &Method, has_body: bool, upgrade: bool) -> bool {
     !has_body
         && !upgrade
-        && target.scheme == Scheme::Http
+        && target.scheme() == Scheme::Http
         && matches!(
             *method,
             Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE
@@ -73,12 +73,12 @@ impl Http1Pool {
         request_headers: &HeaderList,
         connect_timeout: Duration,
     ) -> Result<(ResponseHead, PlainBody), ProxyError> {
-        let url = target.url.as_str();
+        let url = &*target.url();
         let request = request_head(url, method, target, request_headers)?;
         let mut first_try = true;
         loop {
             let pooled = if first_try {
-                self.shared.take(&target.address)
+                self.shared.take(&target.address())
             } else {
                 None
             };
@@ -93,15 +93,9 @@ impl Http1Pool {
                     let mut buf = BytesMut::new();
                     match read_head(&mut stream, &mut buf).await {
                         Ok(head) => {
-                            let mut body = PlainBody::new(
-                                stream,
-                                buf,
-                                method,
-                                &head,
-                                &self.shared,
-                                target.address.clone(),
-                            )
-                            .map_err(|message| upstream(url, message))?;
+                            let mut body =
+                                PlainBody::new(stream, buf, method, &head, &self.shared, target.address())
+                                    .map_err(|message| upstream(url, message))?;
                             body.check_start()
                                 .await
                                 .map_err(|message| upstream(url, message))?;
@@ -122,13 +116,13 @@ impl Http1Pool {
 }
 
 async fn connect(target: &Target, timeout: Duration) -> Result<TcpStream, ProxyError> {
-    let url = target.url.as_str();
+    let url = &*target.url();
     let timed_out = || ProxyError::Timeout {
         url: url.to_owned(),
         phase: "connecting",
     };
     let deadline = tokio::time::Instant::now() + timeout;
-    let lookup = tokio::net::lookup_host((target.host.as_str(), target.port));
+    let lookup = tokio::net::lookup_host((target.host(), target.port()));
     let addrs = match tokio::time::timeout_at(deadline, lookup).await {
         Err(_) => return Err(timed_out()),
         Ok(Err(e)) => {
