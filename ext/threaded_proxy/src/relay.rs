@@ -1,6 +1,8 @@
-//! Writing the response to the client: head, framed body, clean finish or
-//! abort. Every write is bounded by the idle timeout so a client that stops
-//! reading cannot pin the exchange (or its buffers) forever.
+//! Writing the response to the client: the writer chooses the framing for
+//! the client, encodes the head, frames the body, and finishes cleanly or
+//! aborts. Every write is bounded by the idle timeout so a client that
+//! stops reading cannot pin the exchange (or its buffers) forever, and
+//! every byte written is counted in the exchange's [`Meter`].
 
 use std::time::Duration;
 
@@ -8,14 +10,45 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::errors::ProxyError;
-use crate::headers::Framing;
+use crate::headers::{self, ClientRequest, Framing, HeaderList};
+use crate::stats::Meter;
+
+/// What is known of a body's length before it is sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BodyLength {
+    /// The exact length the body will have (its size hint): framing by
+    /// Content-Length needs it.
+    pub exact: Option<u64>,
+    /// The Content-Length the origin's head declared, kept on a bodiless
+    /// answer (HEAD, 304) where there is no body to measure.
+    pub declared: Option<u64>,
+}
+
+impl BodyLength {
+    /// A body of `n` bytes, declared so as well (rendered and buffered
+    /// bodies).
+    pub fn known(n: u64) -> BodyLength {
+        BodyLength {
+            exact: Some(n),
+            declared: Some(n),
+        }
+    }
+}
 
 pub struct ClientWriter<W> {
+    /// The client's write half (borrowed: tokio's owned half would send a
+    /// FIN on drop and make an aborted body look complete).
     io: W,
+    /// The longest any write may wait for the client.
     idle: Duration,
+    /// What the client asked in a way that decides the framing (a HEAD,
+    /// HTTP/1.0).
+    client: ClientRequest,
+    /// The framing chosen with the head; governs every body chunk.
     framing: Framing,
-    /// Every byte written, head included (for stats and the summary).
-    pub bytes_written: u64,
+    /// The exchange's byte counts: every byte written here, head included,
+    /// goes in (and on into the stats).
+    meter: Meter,
     /// Body bytes written, to check a Content-Length promise was kept.
     body_written: u64,
     /// Once true, an error must abort the connection: a clean close could
@@ -28,16 +61,22 @@ pub struct ClientWriter<W> {
 }
 
 impl<W: AsyncWrite + Unpin> ClientWriter<W> {
-    pub fn new(io: W, idle: Duration) -> Self {
+    pub fn new(io: W, idle: Duration, client: ClientRequest, meter: Meter) -> Self {
         ClientWriter {
             io,
             idle,
+            client,
             framing: Framing::None,
-            bytes_written: 0,
+            meter,
             body_written: 0,
             head_sent: false,
             held_head: None,
         }
+    }
+
+    /// The exchange's byte counts.
+    pub fn meter(&self) -> &Meter {
+        &self.meter
     }
 
     /// Writes `buf`, after the held head if there is one.
@@ -46,7 +85,7 @@ impl<W: AsyncWrite + Unpin> ClientWriter<W> {
         let len = buf.remaining() as u64;
         match tokio::time::timeout(self.idle, self.io.write_all_buf(&mut buf)).await {
             Ok(Ok(())) => {
-                self.bytes_written += len;
+                self.meter.to_client(len);
                 Ok(())
             }
             Ok(Err(e)) => Err(ProxyError::client(&e)),
@@ -54,17 +93,51 @@ impl<W: AsyncWrite + Unpin> ClientWriter<W> {
         }
     }
 
-    /// Sends the head; `framing` then governs every body chunk.
-    pub async fn send_head(&mut self, head: BytesMut, framing: Framing) -> Result<(), ProxyError> {
-        self.framing = framing;
-        self.head_sent = true;
-        self.write_buf(head.freeze()).await
+    /// The framing this client gets for a `status` answer with a body of
+    /// `exact` length (None: unknown).
+    pub fn framing_for(&self, status: u16, exact: Option<u64>) -> Framing {
+        headers::framing(status, self.client, exact)
     }
 
-    /// Like `send_head`, but the head waits for the first body bytes (or
-    /// `flush_head`, or `finish`) to go out with them. The caller must flush
-    /// it before waiting for anything.
-    pub fn hold_head(&mut self, head: BytesMut, framing: Framing) {
+    /// Chooses the framing, encodes the head and holds it: it goes out
+    /// with the first body bytes (or `flush_head`, or `finish`), so a small
+    /// answer is one writev. The caller must flush it before waiting for
+    /// anything. Returns the framing (`Framing::None`: send no body).
+    pub fn hold_head(
+        &mut self,
+        status: u16,
+        reason: Option<&str>,
+        headers: &HeaderList,
+        length: BodyLength,
+    ) -> Framing {
+        let framing = self.framing_for(status, length.exact);
+        let mut buf = BytesMut::new();
+        headers::write_head(&mut buf, status, reason, headers, framing, length.declared);
+        self.hold_encoded(buf, framing);
+        framing
+    }
+
+    /// Sends a 101 (or 200 for CONNECT) that starts a tunnel, naming the
+    /// `protocol` switched to; nothing is framed after it.
+    pub async fn send_switch_head(
+        &mut self,
+        status: u16,
+        headers: &HeaderList,
+        protocol: Option<&[u8]>,
+    ) -> Result<(), ProxyError> {
+        let mut buf = BytesMut::new();
+        headers::write_switch_head(&mut buf, status, headers, protocol);
+        self.send_encoded(buf, Framing::None).await
+    }
+
+    /// Sends an encoded head; `framing` then governs every body chunk.
+    async fn send_encoded(&mut self, head: BytesMut, framing: Framing) -> Result<(), ProxyError> {
+        self.hold_encoded(head, framing);
+        self.flush_head().await
+    }
+
+    /// Holds an encoded head (see `hold_head`).
+    fn hold_encoded(&mut self, head: BytesMut, framing: Framing) {
         self.framing = framing;
         self.head_sent = true;
         self.held_head = Some(head.freeze());
@@ -82,20 +155,16 @@ impl<W: AsyncWrite + Unpin> ClientWriter<W> {
         }
     }
 
-    /// The raw client writer, for tunnels (after the head went out).
-    pub fn io_mut(&mut self) -> &mut W {
-        &mut self.io
-    }
-
-    /// Counts bytes written around this writer (tunnels).
-    pub fn add_written(&mut self, n: u64) {
-        self.bytes_written += n;
+    /// The raw client writer and the meter, for a tunnel (after the head
+    /// went out), which writes and counts around this writer.
+    pub fn tunnel_halves(&mut self) -> (&mut W, &Meter) {
+        (&mut self.io, &self.meter)
     }
 
     /// Counts body bytes that reached the client around this writer
-    /// (splice), so `finish` still checks the Content-Length promise.
-    pub fn add_body_written(&mut self, n: u64) {
-        self.bytes_written += n;
+    /// (splice, which counted them in the meter), so `finish` still checks
+    /// the Content-Length promise.
+    pub fn add_spliced(&mut self, n: u64) {
         self.body_written += n;
     }
 
@@ -183,11 +252,20 @@ pub async fn drain<R: AsyncRead + Unpin>(rd: &mut R, limit: Duration) {
 mod tests {
     use super::*;
 
+    fn test_writer<W: AsyncWrite + Unpin>(io: W) -> ClientWriter<W> {
+        let stats: &'static crate::stats::Stats = Box::leak(Box::default());
+        let client = ClientRequest {
+            head_only: false,
+            http10: false,
+        };
+        ClientWriter::new(io, Duration::from_secs(3), client, Meter::new(stats))
+    }
+
     async fn written(framing: Framing, chunks: &[&[u8]]) -> (Vec<u8>, Result<(), ProxyError>) {
         let (client, mut server) = tokio::io::duplex(1 << 16);
-        let mut writer = ClientWriter::new(client, Duration::from_secs(5));
+        let mut writer = test_writer(client);
         writer
-            .send_head(BytesMut::from(&b"HEAD\r\n\r\n"[..]), framing)
+            .send_encoded(BytesMut::from(&b"HEAD\r\n\r\n"[..]), framing)
             .await
             .unwrap();
         let mut result = Ok(());
@@ -285,8 +363,8 @@ mod tests {
     }
 
     fn held(framing: Framing) -> ClientWriter<WriteCalls> {
-        let mut writer = ClientWriter::new(WriteCalls::default(), Duration::from_secs(5));
-        writer.hold_head(BytesMut::from(&b"HEAD\r\n\r\n"[..]), framing);
+        let mut writer = test_writer(WriteCalls::default());
+        writer.hold_encoded(BytesMut::from(&b"HEAD\r\n\r\n"[..]), framing);
         writer
     }
 
@@ -298,7 +376,7 @@ mod tests {
         writer.send_body(Bytes::from_static(b"!!")).await.unwrap();
         writer.finish().await.unwrap();
         assert_eq!(writer.io.0, [&b"HEAD\r\n\r\nhello"[..], b"!!"]);
-        assert_eq!(writer.bytes_written, 8 + 7);
+        assert_eq!(writer.meter().client_bytes(), 8 + 7);
 
         let mut chunked = held(Framing::Chunked);
         chunked.send_body(Bytes::from_static(b"abc")).await.unwrap();
@@ -332,9 +410,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_client_that_reads_nothing_times_out() {
         let (client, _server) = tokio::io::duplex(16);
-        let mut writer = ClientWriter::new(client, Duration::from_secs(3));
+        let mut writer = test_writer(client);
         let err = writer
-            .send_head(BytesMut::from(&[b'x'; 64][..]), Framing::Close)
+            .send_encoded(BytesMut::from(&[b'x'; 64][..]), Framing::Close)
             .await
             .unwrap_err();
         assert!(err.to_string().contains("read nothing"), "{err}");

@@ -6,7 +6,7 @@
 //! leaked (dropping a runtime whose threads vanished can hang) and a fresh
 //! one is built.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -129,10 +129,6 @@ pub struct Proxy {
     /// The latency histograms behind `ThreadedProxy::Metrics`, and which
     /// origin hosts get their own label.
     pub metrics: Metrics,
-    /// Running exchange tasks, so a graceful shutdown can wait until none
-    /// is left (a count with a condvar to wait on, which `stats.active`, a
-    /// plain counter, cannot offer).
-    pub tracker: Tracker,
     /// Cleared by shutdown: new exchanges are refused with 503.
     accepting: AtomicBool,
     /// Set to true to cut every running exchange (end of the drain).
@@ -165,7 +161,6 @@ impl Proxy {
                 settings.fd_budget,
             ),
             metrics: Metrics::new(settings.metrics_hosts.clone()),
-            tracker: Tracker::default(),
             accepting: AtomicBool::new(true),
             cancel: watch::channel(false).0,
         })
@@ -213,7 +208,8 @@ pub fn existing() -> Option<&'static Proxy> {
     slot.filter(|p| p.pid == std::process::id())
 }
 
-/// Counts running exchanges so shutdown can wait for them.
+/// Counts running tasks (exchanges: `Stats::exchanges`; deliveries) so
+/// shutdown can wait for them.
 #[derive(Default)]
 pub struct Tracker {
     /// Running now; under a mutex (not an atomic) so that a waiter checks
@@ -221,10 +217,9 @@ pub struct Tracker {
     active: Mutex<usize>,
     /// Notified when `active` reaches 0 and by [`Tracker::interrupt`].
     idle: Condvar,
-    /// Total ever entered; lets tests check nothing leaked.
-    entered: AtomicUsize,
 }
 
+/// One running task; leaving (drop) counts it out.
 pub struct TrackerGuard<'a>(&'a Tracker);
 
 impl Drop for TrackerGuard<'_> {
@@ -240,7 +235,6 @@ impl Drop for TrackerGuard<'_> {
 impl Tracker {
     pub fn enter(&self) -> TrackerGuard<'_> {
         *self.active.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-        self.entered.fetch_add(1, Ordering::Relaxed);
         TrackerGuard(self)
     }
 

@@ -24,6 +24,7 @@ use tokio::net::TcpStream;
 use crate::errors::ProxyError;
 #[cfg(target_os = "linux")]
 use crate::handoff;
+use crate::stats::Meter;
 
 /// Bodies below this size are copied: a pipe and a second registration of
 /// the client socket cost more than copying a few pages.
@@ -115,8 +116,8 @@ impl Splicer {
         })
     }
 
-    /// Moves exactly `length` bytes from `origin` to the client; `moved`
-    /// hears of every piece that reached the client. Reading the origin and
+    /// Moves exactly `length` bytes from `origin` to the client, counting
+    /// every piece that reached the client in `meter`. Reading the origin and
     /// writing the client overlap (the pipe is the buffer between them); the
     /// exchange fails when neither moves for `idle`.
     pub async fn copy(
@@ -124,7 +125,7 @@ impl Splicer {
         origin: &TcpStream,
         length: u64,
         idle: Duration,
-        moved: &mut (dyn FnMut(u64) + Send),
+        meter: &Meter,
     ) -> Result<(), SpliceEnd> {
         let mut to_read = length;
         let mut in_pipe = 0usize;
@@ -141,7 +142,7 @@ impl Splicer {
                 drained = self.drain(in_pipe), if in_pipe > 0 => match drained {
                     Ok(n) => {
                         in_pipe -= n;
-                        moved(n as u64);
+                        meter.spliced(n as u64);
                     }
                     Err(e) => return Err(SpliceEnd::ClientFailed(e)),
                 },
@@ -229,7 +230,7 @@ impl Splicer {
         _origin: &TcpStream,
         _length: u64,
         _idle: Duration,
-        _moved: &mut (dyn FnMut(u64) + Send),
+        _meter: &Meter,
     ) -> Result<(), SpliceEnd> {
         match self.0 {}
     }

@@ -1,20 +1,35 @@
-//! Process-wide counters behind `ThreadedProxy.stats`. Plain atomics: the hot
-//! path adds, `snapshot` reads, nothing locks.
+//! Process-wide counters behind `ThreadedProxy.stats`, and the [`Meter`]
+//! through which one exchange counts its bytes. Plain atomics: the hot path
+//! adds, `snapshot` reads, nothing locks (except the running count, which
+//! shutdown waits on).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::errors::ErrorKind;
+use crate::runtime::Tracker;
 
 #[derive(Default)]
 pub struct Stats {
+    /// Exchanges handed to the runtime (and those refused before they
+    /// started: they are reported like any other).
     pub started: AtomicU64,
-    pub active: AtomicU64,
+    /// Exchanges running now, from before their task is spawned to its
+    /// end: the one "active" count, behind both `stats[:active]` and the
+    /// graceful shutdown's wait (hence a count with a condvar).
+    pub exchanges: Tracker,
+    /// Exchanges that ended without an error.
     pub completed: AtomicU64,
+    /// Exchanges refused by admission (caps, descriptor budget).
     pub rejected: AtomicU64,
+    /// Bytes read from origins (body and tunnel bytes; heads are not
+    /// counted), via each exchange's [`Meter`].
     pub bytes_from_origin: AtomicU64,
+    /// Bytes written to clients, heads included, via each [`Meter`].
     pub bytes_to_client: AtomicU64,
-    /// Bytes clients sent through tunnels.
+    /// Bytes clients sent through tunnels, via each [`Meter`].
     pub bytes_from_client: AtomicU64,
+    /// User callbacks that answered (on_headers on every path,
+    /// on_response, on_error): raised counts, a timeout does not.
     pub callbacks_run: AtomicU64,
     /// Callback jobs dropped unrun: their exchange had stopped waiting
     /// (callback_timeout passed while they were queued behind busy threads).
@@ -35,7 +50,7 @@ impl Stats {
     pub fn snapshot(&self) -> Vec<(String, u64)> {
         let mut out = vec![
             ("started".to_owned(), self.started.load(Relaxed)),
-            ("active".to_owned(), self.active.load(Relaxed)),
+            ("active".to_owned(), self.exchanges.active() as u64),
             ("completed".to_owned(), self.completed.load(Relaxed)),
             ("rejected".to_owned(), self.rejected.load(Relaxed)),
             (
@@ -62,5 +77,104 @@ impl Stats {
         }
         out.push(("failed".to_owned(), total));
         out
+    }
+}
+
+/// One exchange's byte counts, each byte counted once where it moves: the
+/// client writer (every byte to the client), the splice (origin to client
+/// in the kernel) and the tunnel (both ways) add here, and every add goes
+/// to the process-wide [`Stats`] at the same moment, so a long stream or
+/// tunnel shows in the stats while it runs. Atomics because a tunnel's two
+/// directions count concurrently (in one task).
+pub struct Meter {
+    /// The process-wide counters every add also goes to.
+    stats: &'static Stats,
+    /// Bytes read from the origin (body or tunnel), for the summary.
+    from_origin: AtomicU64,
+    /// Bytes written to the client, heads included, for the summary.
+    to_client: AtomicU64,
+    /// Bytes the client sent through a tunnel, for the summary.
+    from_client: AtomicU64,
+}
+
+impl Meter {
+    pub fn new(stats: &'static Stats) -> Meter {
+        Meter {
+            stats,
+            from_origin: AtomicU64::new(0),
+            to_client: AtomicU64::new(0),
+            from_client: AtomicU64::new(0),
+        }
+    }
+
+    /// `n` bytes read from the origin.
+    pub fn from_origin(&self, n: u64) {
+        self.from_origin.fetch_add(n, Relaxed);
+        self.stats.bytes_from_origin.fetch_add(n, Relaxed);
+    }
+
+    /// `n` bytes written to the client.
+    pub fn to_client(&self, n: u64) {
+        self.to_client.fetch_add(n, Relaxed);
+        self.stats.bytes_to_client.fetch_add(n, Relaxed);
+    }
+
+    /// `n` bytes the client sent through a tunnel.
+    pub fn from_client(&self, n: u64) {
+        self.from_client.fetch_add(n, Relaxed);
+        self.stats.bytes_from_client.fetch_add(n, Relaxed);
+    }
+
+    /// `n` bytes passed from the origin straight to the client (a tunnel's
+    /// way down).
+    pub fn relayed(&self, n: u64) {
+        self.from_origin(n);
+        self.to_client(n);
+    }
+
+    /// `n` body bytes moved origin → client by splice(2).
+    pub fn spliced(&self, n: u64) {
+        self.relayed(n);
+        self.stats.bytes_spliced.fetch_add(n, Relaxed);
+    }
+
+    /// Bytes read from the origin so far.
+    pub fn origin_bytes(&self) -> u64 {
+        self.from_origin.load(Relaxed)
+    }
+
+    /// Bytes written to the client so far.
+    pub fn client_bytes(&self) -> u64 {
+        self.to_client.load(Relaxed)
+    }
+
+    /// Bytes the client sent through a tunnel so far.
+    pub fn tunnel_bytes(&self) -> u64 {
+        self.from_client.load(Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_meter_feeds_the_stats_as_it_counts() {
+        let stats: &'static Stats = Box::leak(Box::default());
+        let meter = Meter::new(stats);
+        meter.to_client(10);
+        meter.from_origin(3);
+        meter.spliced(100);
+        meter.relayed(5);
+        meter.from_client(7);
+        assert_eq!(
+            (meter.origin_bytes(), meter.client_bytes(), meter.tunnel_bytes()),
+            (108, 115, 7)
+        );
+        let snapshot: std::collections::HashMap<_, _> = stats.snapshot().into_iter().collect();
+        assert_eq!(snapshot["bytes_from_origin"], 108);
+        assert_eq!(snapshot["bytes_to_client"], 115);
+        assert_eq!(snapshot["bytes_from_client"], 7);
+        assert_eq!(snapshot["bytes_spliced"], 100);
     }
 }

@@ -2,6 +2,7 @@
 //! `proxy_tunnel`, bytes flow both ways until both sides have closed.
 //! Half-closes are passed on (EOF one way shuts down that way's writer);
 //! the tunnel ends when nothing moved in either direction for `idle`.
+//! Bytes are counted in the exchange's [`Meter`] as they move.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,13 +11,17 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
+use crate::stats::Meter;
+
 const BUFFER: usize = 64 * 1024;
 
-/// Bytes moved each way, readable while the tunnel runs and after it ends.
-#[derive(Default)]
-pub struct TunnelCounts {
-    pub to_origin: AtomicU64,
-    pub to_client: AtomicU64,
+/// Which way a pump moves bytes, which decides how the meter counts them.
+#[derive(Clone, Copy)]
+enum Way {
+    /// Client → origin: bytes from the client.
+    Up,
+    /// Origin → client: bytes from the origin, and to the client.
+    Down,
 }
 
 /// Why a tunnel ended badly.
@@ -51,7 +56,7 @@ pub async fn run<CR, CW, O>(
     client_wr: &mut CW,
     origin: O,
     idle: Duration,
-    counts: &TunnelCounts,
+    meter: &Meter,
 ) -> Result<(), TunnelEnd>
 where
     CR: AsyncRead + Unpin,
@@ -63,8 +68,8 @@ where
         start: Instant::now(),
         last_ms: AtomicU64::new(0),
     });
-    let up = pump(client_rd, &mut origin_wr, &activity, &counts.to_origin);
-    let down = pump(&mut origin_rd, client_wr, &activity, &counts.to_client);
+    let up = pump(client_rd, &mut origin_wr, &activity, meter, Way::Up);
+    let down = pump(&mut origin_rd, client_wr, &activity, meter, Way::Down);
     let watchdog = async {
         loop {
             let deadline = activity.last() + idle;
@@ -83,7 +88,13 @@ where
 }
 
 /// One direction: read, write, and on EOF shut the writer down (half-close).
-async fn pump<R, W>(rd: &mut R, wr: &mut W, activity: &Activity, count: &AtomicU64) -> std::io::Result<()>
+async fn pump<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    activity: &Activity,
+    meter: &Meter,
+    way: Way,
+) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin + ?Sized,
     W: AsyncWrite + Unpin + ?Sized,
@@ -98,7 +109,10 @@ where
         activity.touch();
         wr.write_all(&buf[..n]).await?;
         activity.touch();
-        count.fetch_add(n as u64, Ordering::Relaxed);
+        match way {
+            Way::Up => meter.from_client(n as u64),
+            Way::Down => meter.relayed(n as u64),
+        }
     }
 }
 
@@ -106,13 +120,17 @@ where
 mod tests {
     use super::*;
 
+    fn test_meter() -> Meter {
+        Meter::new(Box::leak(Box::default()))
+    }
+
     #[tokio::test]
     async fn bytes_flow_both_ways_and_half_close_is_passed_on() {
         let (client_side, mut client) = tokio::io::duplex(1024);
         let (origin_side, mut origin) = tokio::io::duplex(1024);
         let (mut crd, mut cwr) = tokio::io::split(client_side);
-        let counts = TunnelCounts::default();
-        let tunnel = run(&mut crd, &mut cwr, origin_side, Duration::from_secs(5), &counts);
+        let meter = test_meter();
+        let tunnel = run(&mut crd, &mut cwr, origin_side, Duration::from_secs(5), &meter);
         let peers = async {
             client.write_all(b"ping").await.unwrap();
             client.shutdown().await.unwrap();
@@ -128,8 +146,10 @@ mod tests {
         };
         let (result, ()) = tokio::join!(tunnel, peers);
         assert_eq!(result, Ok(()));
-        assert_eq!(counts.to_origin.load(Ordering::Relaxed), 4);
-        assert_eq!(counts.to_client.load(Ordering::Relaxed), 4);
+        assert_eq!(
+            (meter.tunnel_bytes(), meter.origin_bytes(), meter.client_bytes()),
+            (4, 4, 4)
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -137,8 +157,8 @@ mod tests {
         let (client_side, _client) = tokio::io::duplex(1024);
         let (origin_side, _origin) = tokio::io::duplex(1024);
         let (mut crd, mut cwr) = tokio::io::split(client_side);
-        let counts = TunnelCounts::default();
-        let result = run(&mut crd, &mut cwr, origin_side, Duration::from_secs(30), &counts).await;
+        let meter = test_meter();
+        let result = run(&mut crd, &mut cwr, origin_side, Duration::from_secs(30), &meter).await;
         assert_eq!(result, Err(TunnelEnd::Idle));
     }
 }

@@ -170,7 +170,7 @@ fn an_open_stream_holds_a_few_kib() {
     let streams = open_streams(&url, 1000, count);
     std::thread::sleep(Duration::from_millis(200)); // let tasks settle after the event
     let per_stream = (LIVE.load(Ordering::Relaxed) - before) as f64 / count as f64;
-    let active = runtime::current().unwrap().stats.active.load(Ordering::Relaxed);
+    let active = runtime::current().unwrap().stats.exchanges.active() as u64;
     eprintln!("live heap per open stream: {per_stream:.0} bytes ({active} exchanges open)");
     assert_eq!(active, (50 + count) as u64, "every stream is still open");
     drop(streams);

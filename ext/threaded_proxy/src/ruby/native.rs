@@ -293,7 +293,7 @@ fn stop_accepting() {
 /// end; true when none is left.
 fn wait_idle(ruby: &Ruby, timeout: f64) -> Result<bool, Error> {
     guard(|| match runtime::existing() {
-        Some(proxy) => nogvl::wait_idle(ruby, &proxy.tracker, timeout),
+        Some(proxy) => nogvl::wait_idle(ruby, &proxy.stats.exchanges, timeout),
         None => Ok(true),
     })
 }
@@ -319,7 +319,7 @@ fn close_callbacks() {
 }
 
 fn active() -> usize {
-    runtime::existing().map_or(0, |p| p.tracker.active())
+    runtime::existing().map_or(0, |p| p.stats.exchanges.active())
 }
 
 /// Builds this process's runtime now rather than on first use; returns the
