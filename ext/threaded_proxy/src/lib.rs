@@ -6,7 +6,17 @@
 //! on Ruby threads the gem owns, reached through a queue.
 //!
 //! # Layout
-//! - `exchange`: one exchange from admission to summary (the orchestration).
+//! In the order a response's bytes go:
+//! - `handoff`: the hijacked fd → a tokio stream.
+//! - `exchange`: one exchange from admission to summary; `exchange/mod.rs`
+//!   holds the spec, the task and the steps, in order.
+//!   - `exchange::admission`: the permit (caps, descriptor budget).
+//!   - `exchange::hooks`: the user's callbacks on the way: on_headers (one
+//!     helper for every path, the 101 included), on_response, on_error.
+//!   - `exchange::body`: the origin's body to the client, spliced or copied.
+//!   - `exchange::upgrade`: a 101 from the origin, and `proxy_tunnel`.
+//!   - `exchange::render`: answers the proxy writes itself (a callback's
+//!     rendering, the default answer to an error).
 //! - `origin`: fetching the origin: one `Upstream::send` that picks the
 //!   client and returns one `origin::Response`.
 //!   - `origin::request`: what the exchange asks for, and its hyper form.
@@ -19,19 +29,23 @@
 //!   - `origin::body`: request-body sources.
 //!   - `origin::error`: what a hyper error means (kind, retry).
 //! - `origin_url`: the one check and canonical form of an origin URL, parsed
-//!   once into the `Target` (host, port, pool and limit keys, path) that
-//!   the origin clients, the limits and the metrics use.
+//!   once into the `Target` (the `http::Uri`; host, port, pool and limit
+//!   keys, path derived from it) that the origin clients, the limits, the
+//!   metrics and the delivery worker use.
+//! - `relay`: the client writer: chooses the framing, encodes the head,
+//!   frames the body, bounds every write, finishes or aborts.
 //! - `splice`: Content-Length bodies moved socket to socket in the kernel.
-//! - `relay`: writing the response to the client (framing, bounds, abort).
-//! - `headers`: hop-by-hop rules, validation, the response head.
-//! - `handoff`: fd → tokio stream.
 //! - `tunnel`: two-way byte copy after a 101 or for `proxy_tunnel`.
+//! - `headers`: hop-by-hop rules, validation, the head's encoding.
 //! - `callbacks`: the queue between tokio tasks and Ruby callback threads.
 //! - `delivery`: `proxy_async`: the background worker (`delivery::worker`)
 //!   and the durable queue (`delivery::store`: the trait, the SQLite and
 //!   PostgreSQL backends, the header codec).
 //! - `runtime`: the per-process runtime, rebuilt after fork; settings.
-//! - `limits`, `stats`, `errors`: admission caps, counters, the error type.
+//! - `limits`: admission caps and the descriptor budget.
+//! - `stats`: the process-wide counters, and the per-exchange `Meter` that
+//!   the client writer, the splice and the tunnel count bytes through.
+//! - `errors`: the error type and what Ruby gets of it.
 //! - `metrics`: the Prometheus text exposition and latency histograms.
 //! - `ruby` (feature `ruby`): the magnus bindings, the only Ruby-aware code.
 
