@@ -117,10 +117,13 @@ module Bench
     end
 
     # A fresh Puma for one row and measurement. Live needs a Puma thread per
-    # stream (and a few for publish and the probe); the others -t 2:2. The
-    # gem's limits are raised to the streams asked for: one fd each.
+    # stream (and a few for publish and the probe): -t 4:N+4, so Puma starts
+    # each stream's thread when the stream arrives, and the RSS per stream
+    # counts it (with N:N all N threads exist before the baseline is read).
+    # The others -t 2:2. The gem's limits are raised to the streams asked
+    # for: one fd each.
     def with_puma(row, streams, workers: 0, env: {})
-      threads = row == "live" ? "#{streams + 4}:#{streams + 4}" : "2:2"
+      threads = row == "live" ? "4:#{streams + 4}" : "2:2"
       limit = (streams + 100).to_s
       env = { "THREADED_PROXY_MAX_CONNECTIONS" => limit, "THREADED_PROXY_FD_BUDGET" => limit,
               "THREADED_PROXY_SHUTDOWN_TIMEOUT" => "2" }.merge(env)

@@ -23,7 +23,7 @@ module BenchEvents
       if ENV["THREADED_PROXY_EVENTS_URL"] && !ThreadedProxy.configuration.respond_to?(:events_url=)
         gaps << "the events_url setting"
       end
-      gaps.empty? ? nil : "this threaded-proxy has no #{gaps.join(", ")} (issue 17's event streams)"
+      gaps.empty? ? nil : "this threaded-proxy lacks #{gaps.join(", ")} (issue 17's event streams)"
     end
 
     def self.publish(data)
