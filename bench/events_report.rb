@@ -94,9 +94,12 @@ module Bench
       end
     end
 
+    # Streams that failed, by kind; and a publish that failed (which ended
+    # the measurement there).
     def failures(r)
-      text = r["failures"].to_h.map { |kind, n| "#{n} #{kind}" }.join(", ")
-      text.empty? ? "0" : text
+      text = r["failures"].to_h.map { |kind, n| "#{n} #{kind}" }
+      text << "stopped: #{r["publish_error"]}" if r["publish_error"]
+      text.empty? ? "0" : text.join(", ")
     end
 
     def hold_table
