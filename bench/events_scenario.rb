@@ -109,11 +109,15 @@ module Bench
 
     private
 
+    # A failed measurement: its first line and its last (a failed
+    # loadgen's own message ends its log).
     def guarded
       yield
     rescue Error, SystemCallError, JSON::ParserError => e
-      @say.call("events: failed: #{e.message.lines.first(2).join.strip}")
-      { "error" => "#{e.class}: #{e.message.lines.first(3).join.strip}" }
+      lines = e.message.lines.map(&:strip).reject(&:empty?)
+      summary = [lines.first, lines.last].uniq.join(" … ")
+      @say.call("events: failed: #{summary}")
+      { "error" => "#{e.class}: #{summary}" }
     end
 
     # A fresh Puma for one row and measurement. Live needs a Puma thread per
