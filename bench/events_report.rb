@@ -6,7 +6,7 @@ module Bench
   class EventsReport
     LABELS = {
       "gem" => "threaded-proxy stream_events + publish (fan-out in Rust), Puma -t 2:2",
-      "live" => "ActionController::Live, one Puma thread per stream (-t 4:N+4)",
+      "live" => "ActionController::Live, one Puma thread per stream (-t N:N)",
       "hijack" => "rack.hijack + Thread.new per stream, Ruby fan-out, Puma -t 2:2"
     }.freeze
     RSS_GOAL_KIB = 4.0
@@ -31,7 +31,9 @@ module Bench
       out << "" << "Each row and measurement on a fresh Puma serving bench/events_app.ru; the clients are bench-loadgen's " \
                    "raw TCP SSE clients, and each event carries the publisher's CLOCK_MONOTONIC time, so latency is " \
                    "publish → parsed at the client. \"ready\" = open streams that received the warm-up publish; " \
-                   "\"healthy\" = ready and received every measured publish. A row that could not run says why."
+                   "\"healthy\" = ready and received every measured publish. Live's Puma threads are all started " \
+                   "before the RSS baseline, so its RSS per stream leaves out the Puma thread each stream holds. " \
+                   "A row that could not run says why."
     end
 
     # [target, measured, met, floor] rows for Report's targets table.
@@ -99,6 +101,7 @@ module Bench
     def failures(r)
       text = r["failures"].to_h.map { |kind, n| "#{n} #{kind}" }
       text << "stopped: #{r["publish_error"]}" if r["publish_error"]
+      text << "Puma died: #{r["puma_died"].lines.last.strip}" if r["puma_died"]
       text.empty? ? "0" : text.join(", ")
     end
 
@@ -108,7 +111,8 @@ module Bench
        "|---|---:|---:|---:|---:|---:|---:|---:|---|"] +
         rows("hold") do |label, r|
           rss = [r["rss_baseline_kb"], r["rss_plateau_kb"]].map { |kb| f(kb && kb / 1024.0) }.join(" → ")
-          "| #{label} | #{r["opened"]} | #{r["ready"]} | #{r["healthy"]} | #{f(r["ramp_secs"])} | #{rss} | " \
+          opened = r["open_peak"].to_i > r["opened"] ? "#{r["opened"]} (#{r["open_peak"]} at most)" : r["opened"]
+          "| #{label} | #{opened} | #{r["ready"]} | #{r["healthy"]} | #{f(r["ramp_secs"])} | #{rss} | " \
             "#{f(r["rss_per_stream_kb"], 2)} | #{r["fds_plateau"]&.to_i || "n/a"} | #{failures(r)} |"
         end
     end

@@ -121,20 +121,24 @@ module Bench
     end
 
     # A fresh Puma for one row and measurement. Live needs a Puma thread per
-    # stream (and a few for publish and the probe): -t 4:N+4, so Puma starts
-    # each stream's thread when the stream arrives, and the RSS per stream
-    # counts it (with N:N all N threads exist before the baseline is read).
-    # The others -t 2:2. The gem's limits are raised to the streams asked
-    # for: one fd each.
+    # stream (and a few for publish and the probe): -t N+4:N+4. (With
+    # -t 4:N+4, Puma 5.6 stopped starting threads part way: 179 of 300
+    # streams, the rest waited in its queue.) Its N threads exist before the
+    # RSS baseline is read, so Live's RSS per stream leaves them out. The
+    # others -t 2:2. The gem's limits are raised to the streams asked for:
+    # one fd each.
     def with_puma(row, streams, workers: 0, env: {})
-      threads = row == "live" ? "4:#{streams + 4}" : "2:2"
+      threads = row == "live" ? "#{streams + 4}:#{streams + 4}" : "2:2"
       limit = (streams + 100).to_s
       env = { "THREADED_PROXY_MAX_CONNECTIONS" => limit, "THREADED_PROXY_FD_BUDGET" => limit,
               "THREADED_PROXY_SHUTDOWN_TIMEOUT" => "2" }.merge(env)
       puma = Puma.new("http://127.0.0.1:9", threads: threads, env: env, rackup: RACKUP, name: "puma-events-#{row}",
                                              workers: workers, boot_timeout: row == "live" ? 300 : 60).start
       check(puma, row)
-      yield(puma).merge("puma_threads" => threads, "workers" => workers)
+      result = yield(puma).merge("puma_threads" => threads, "workers" => workers)
+      # A Ruby row can take its Puma down (out of threads or memory): say so.
+      result["puma_died"] = puma.log.lines.last(3).join.strip unless puma.alive?
+      result
     ensure
       puma&.stop
     end

@@ -386,6 +386,10 @@ module Bench
       @child&.log.to_s
     end
 
+    def alive?
+      @child&.alive? || false
+    end
+
     private
 
     def booted?(log)

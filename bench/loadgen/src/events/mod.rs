@@ -284,6 +284,7 @@ pub async fn events(args: &Args) -> Result<String, String> {
     let mut set = JoinSet::new();
     let mut started = 0usize;
     let mut last_report = Instant::now();
+    let mut open_peak = 0u64;
     for sub in &subs {
         let permit =
             match tokio::time::timeout_at(ramp_deadline, Arc::clone(&window_sem).acquire_owned()).await {
@@ -321,18 +322,21 @@ pub async fn events(args: &Args) -> Result<String, String> {
         });
         if last_report.elapsed() > Duration::from_secs(2) {
             last_report = Instant::now();
+            let open = count_state(&subs, OPEN);
+            open_peak = open_peak.max(open);
             eprintln!(
-                "events: {started} started, {} open, {} failed",
-                count_state(&subs, OPEN),
+                "events: {started} started, {open} open, {} failed",
                 count_state(&subs, FAILED)
             );
         }
     }
     while count_state(&subs[..started], CONNECTING) > 0 && tokio::time::Instant::now() < ramp_deadline {
+        open_peak = open_peak.max(count_state(&subs, OPEN));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let ramp_secs = start.elapsed().as_secs_f64();
     let opened = count_state(&subs, OPEN);
+    let open_peak = open_peak.max(opened);
     eprintln!("events: ramp done in {ramp_secs:.1}s, {opened} open");
 
     // Warm-up: every open stream must have received an event.
@@ -516,6 +520,8 @@ pub async fn events(args: &Args) -> Result<String, String> {
         .int("streams", streams as u64)
         .int("started", started as u64)
         .int("opened", opened)
+        // A Ruby row whose Puma died during the ramp: how far it got.
+        .int("open_peak", open_peak)
         .int("ready", ready)
         .int("warmup_publishes", warmups)
         .int("healthy", healthy)
