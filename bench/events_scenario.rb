@@ -136,8 +136,12 @@ module Bench
                                              workers: workers, boot_timeout: row == "live" ? 300 : 60).start
       check(puma, row)
       result = yield(puma).merge("puma_threads" => threads, "workers" => workers)
-      # A Ruby row can take its Puma down (out of threads or memory): say so.
-      result["puma_died"] = puma.log.lines.last(3).join.strip unless puma.alive?
+      # A Ruby row can take its Puma down (out of threads or memory maps):
+      # say so, with the last error it logged (a crash ends with a map dump).
+      unless puma.alive?
+        lines = puma.log.lines.map(&:strip).reject(&:empty?)
+        result["puma_died"] = lines.reverse.find { |line| line.match?(/\[BUG\]|\[FATAL\]|Error/) } || lines.last.to_s
+      end
       result
     ensure
       puma&.stop
