@@ -41,6 +41,8 @@ module Bench
     end
   end
 
+  # For nginx, which cannot say which port it got for port 0 (Puma and
+  # bench-origin bind 0 and report theirs).
   def self.free_port
     server = TCPServer.new("127.0.0.1", 0)
     server.addr[1]
@@ -328,29 +330,38 @@ module Bench
   # rails_test_app under Puma, single mode, production, log level warn,
   # `-t 2:2` by default. The shell that spawns Puma raises the soft fd limit
   # to the hard one (`ulimit -n`), so one Puma can hold ~9,900 streams.
+  # Puma binds port 0 itself (no other process can take the port between
+  # choosing and binding it) and #port is read from its "Listening on" line.
   class Puma
+    LISTENING = %r{Listening on (?:http|tcp)://127\.0\.0\.1:(\d+)}.freeze
+    WORKER_BOOTED = /- Worker \d+ \(PID: \d+\) booted/.freeze
+
     attr_reader :port
 
     # rackup: the Rails app's config.ru, or bench/rack_app.ru (plain Rack).
-    def initialize(origin_url, threads: "2:2", env: {}, rackup: File.join(APP_DIR, "config.ru"), name: "puma")
+    # workers > 0: cluster mode. boot_timeout: Puma -t 19000:19000 starts
+    # its threads before it listens.
+    def initialize(origin_url, threads: "2:2", env: {}, rackup: File.join(APP_DIR, "config.ru"), name: "puma",
+                   workers: 0, boot_timeout: 60)
       @origin_url = origin_url
       @threads = threads
       @env = env
       @rackup = rackup
       @name = name
+      @workers = workers
+      @boot_timeout = boot_timeout
     end
 
     def start
-      @port = Bench.free_port
       hard = Process.getrlimit(:NOFILE).last
       command = ["sh", "-c", "ulimit -n #{hard} && exec \"$@\"", "sh",
                  "bundle", "exec", "puma", "-C", File.join(APP_DIR, "config", "puma.rb"),
                  "-t", @threads, @rackup]
       @child = Child.new(@name, command, env: child_env, chdir: APP_DIR).start
-      Bench.wait_for("Puma to boot", timeout: 60, interval: 0.1) do
+      Bench.wait_for("Puma to boot", timeout: @boot_timeout, interval: 0.1) do
         raise Error, "Puma exited during boot:\n#{@child.log}" unless @child.alive?
 
-        @child.log.include?("Use Ctrl-C to stop")
+        booted?(@child.log)
       end
       # `sh -c exec` and `bundle exec` keep the pid: this is Puma itself.
       cmd = Bench::Proc.cmdline(pid)
@@ -375,16 +386,27 @@ module Bench
       @child&.log.to_s
     end
 
+    def alive?
+      @child&.alive? || false
+    end
+
     private
+
+    def booted?(log)
+      @port ||= log[LISTENING, 1]&.to_i
+      return false unless @port && log.include?("Use Ctrl-C to stop")
+
+      @workers.zero? || log.scan(WORKER_BOOTED).size >= @workers
+    end
 
     def child_env
       {
         "BUNDLE_GEMFILE" => File.join(ROOT, "Gemfile"),
         "RAILS_ENV" => "production",
         "RAILS_LOG_LEVEL" => "warn",
-        "PORT" => @port.to_s,
+        "PORT" => "0",
         "PUMA_THREADS" => @threads,
-        "WEB_CONCURRENCY" => "0",
+        "WEB_CONCURRENCY" => @workers.to_s,
         "PUMA_PRELOAD" => "0",
         "ORIGIN_URL" => @origin_url,
         # Exits must not wait out the default 25 s drain.

@@ -2,6 +2,7 @@
 
 require "etc"
 require_relative "harness"
+require_relative "events_report"
 
 module Bench
   # What the run ran on, and whether something else was competing for the
@@ -110,6 +111,7 @@ module Bench
       out.concat(threads_table) if @scenarios["threads"]
       out.concat(sse_table) if @scenarios["sse"]
       out.concat(small_table) if @scenarios["small"]
+      out.concat(error_rows("events") || EventsReport.new(@scenarios["events"]).table) if @scenarios["events"]
       out.concat(targets_table)
       out.concat(noise_lines)
       out.join("\n")
@@ -297,6 +299,8 @@ module Bench
         list << ["SSE: all origin streams closed within 2 s", "#{after&.to_i.inspect} open after 2 s (0 after #{f(p["origin_zero_after_secs"], 2)} s)",
                  after && after.zero?, nil]
       end
+      e = @scenarios["events"]
+      list.concat(EventsReport.new(e).targets) if e.is_a?(Hash) && !e["error"]
       sm = @scenarios["small"]
       ROUTES.each do |key, route|
         next unless sm.is_a?(Hash) && (p = sm[key]) && (i = sm["inline"])

@@ -8,7 +8,7 @@ require_relative "scenarios"
 require_relative "report"
 
 module Bench
-  SCENARIO_ALIASES = { "1" => "download", "2" => "threads", "3" => "sse", "4" => "small" }.freeze
+  SCENARIO_ALIASES = { "1" => "download", "2" => "threads", "3" => "sse", "4" => "small", "5" => "events" }.freeze
 
   module_function
 
@@ -62,7 +62,7 @@ module Bench
     results = { "command" => command, "started_at" => Time.now.utc.iso8601, "machine" => Machine.describe,
                 "settings" => { "repeat" => Scenarios::REPEAT, "sse_streams" => Scenarios::SSE_STREAMS,
                                 "sse_hold" => Scenarios::SSE_HOLD, "small_secs" => Scenarios::SMALL_SECS,
-                                "small_rounds" => Scenarios::SMALL_ROUNDS },
+                                "small_rounds" => Scenarios::SMALL_ROUNDS, "events" => EventsScenario.settings },
                 "competition" => {}, "scenarios" => {} }
     scenarios = Scenarios.new(nginx: nginx_problem.nil?)
     names.each do |name|
@@ -87,7 +87,7 @@ module Bench
     File.write(File.join(WORK, "latest.md"), "#{markdown}\n")
     puts markdown
     puts "", "(written to tmp/bench/latest.md and tmp/bench/results-#{stamp}.json; logs in #{RUN_DIR.delete_prefix("#{ROOT}/")})"
-    failed = results["scenarios"].select { |_, r| r.is_a?(Hash) && r["error"] }.keys
+    failed = results["scenarios"].select { |_, r| r.is_a?(Hash) && (r["error"] || r["gem_rows_failed"]) }.keys
     raise Error, "scenarios failed: #{failed.join(", ")}" unless failed.empty?
 
     results

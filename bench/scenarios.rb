@@ -2,14 +2,15 @@
 
 require "net/http"
 require_relative "harness"
+require_relative "events_scenario"
 
 module Bench
-  # The four scenarios of `rake bench`. Each starts its own origin, nginx and
+  # The five scenarios of `rake bench`. Each starts its own origin, nginx and
   # Puma (fresh processes: no pooled connections, heap growth or TIME_WAIT
   # from a previous scenario), measures the three paths in the same run, and
   # stops everything in an ensure block. Each returns a Hash of results.
   class Scenarios
-    NAMES = %w[download threads sse small].freeze
+    NAMES = %w[download threads sse small events].freeze
     GIB = 1 << 30
 
     # Tunables, for quick runs while developing the benchmark itself.
@@ -142,6 +143,12 @@ module Bench
         end
         rows
       end
+    end
+
+    # 5. Event streams from Ruby (issue 17): the gem's stream_events beside
+    # ActionController::Live and hijack + Thread.new (bench/events_scenario.rb).
+    def events
+      EventsScenario.new(say: @say).run
     end
 
     private

@@ -30,12 +30,10 @@ class PostgresServer
 
     @bin = bin
     @dir = Dir.mktmpdir("threaded-proxy-pg")
-    @port = FreePort.take
     owner = run_as_user
     FileUtils.chown_R(owner, nil, @dir) if owner
     run("initdb", "-D", data_dir, "-U", USER, "-A", "trust", "-E", "UTF8", "--no-sync")
-    run("pg_ctl", "-D", data_dir, "-l", log_path, "-w", "-t", "30", "-o",
-        "-c listen_addresses=127.0.0.1 -p #{@port} -k #{@dir} -c fsync=off -c max_connections=200", "start")
+    start_on_free_port
     self
   rescue Unavailable
     stop
@@ -74,6 +72,26 @@ class PostgresServer
   end
 
   private
+
+  BIND_ATTEMPTS = 5
+
+  # PostgreSQL cannot bind port 0 (its `port` setting starts at 1, and it
+  # names its socket file after the port), so the port is chosen beforehand
+  # with FreePort and another process may take it first: then the server
+  # fails with "could not bind" / "Address already in use" and starts again
+  # on another port.
+  def start_on_free_port
+    BIND_ATTEMPTS.times do |attempt|
+      @port = FreePort.take
+      begin
+        run("pg_ctl", "-D", data_dir, "-l", log_path, "-w", "-t", "30", "-o",
+            "-c listen_addresses=127.0.0.1 -p #{@port} -k #{@dir} -c fsync=off -c max_connections=200", "start")
+        return
+      rescue Unavailable => e
+        raise unless e.message.match?(/could not bind|Address already in use/) && attempt < BIND_ATTEMPTS - 1
+      end
+    end
+  end
 
   def data_dir = File.join(@dir, "data")
   def log_path = File.join(@dir, "server.log")

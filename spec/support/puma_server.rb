@@ -2,7 +2,6 @@
 
 require "fileutils"
 require "socket"
-require_relative "free_port"
 
 # Boots rails_test_app under a real Puma child process for integration specs.
 #
@@ -11,6 +10,10 @@ require_relative "free_port"
 #   Net::HTTP.get(URI("#{server.url}/inline"))
 #   server.stop
 #
+# Puma binds tcp://127.0.0.1:0 itself (PORT=0) and keeps the listener, so no
+# other process can take the port between choosing and binding it; #port is
+# read from Puma's "Listening on http://127.0.0.1:PORT" line (Puma prints the
+# bound address, in single and cluster mode, where the master binds).
 # Puma's stdout and stderr go to a log file under tmp/; #start waits (30 s at
 # most) until that log shows Puma listening and, in cluster mode, every worker
 # booted, and raises with the log if Puma dies or is late.
@@ -22,6 +25,8 @@ class PumaServer
   STOP_TIMEOUT = 15
   WORKER_BOOTED = /- Worker (\d+) \(PID: (\d+)\) booted/.freeze
   SINGLE_READY = /Use Ctrl-C to stop/.freeze
+  # Puma 5 prints tcp:// or http:// depending on the minor version, 6+ http://.
+  LISTENING = %r{Listening on (?:http|tcp)://127\.0\.0\.1:(\d+)}.freeze
 
   class BootError < StandardError; end
 
@@ -64,9 +69,8 @@ class PumaServer
   def start
     raise "already started" if @pid
 
-    @port = FreePort.take
     FileUtils.mkdir_p(LOG_DIR)
-    @log_path = File.join(LOG_DIR, "puma-#{Process.pid}-#{self.class.next_id}-#{@port}.log")
+    @log_path = File.join(LOG_DIR, "puma-#{Process.pid}-#{self.class.next_id}.log")
     limits = @nofile ? { rlimit_nofile: @nofile } : {}
     @pid = Process.spawn(child_env, *command, chdir: APP_DIR, in: File::NULL,
                                               %i[out err] => [@log_path, "w"], pgroup: true, **limits)
@@ -134,7 +138,7 @@ class PumaServer
     {
       "BUNDLE_GEMFILE" => File.join(ROOT, "Gemfile"),
       "RAILS_ENV" => @rails_env,
-      "PORT" => @port.to_s,
+      "PORT" => "0",
       "PUMA_THREADS" => @threads,
       "WEB_CONCURRENCY" => @workers.to_s,
       "PUMA_PRELOAD" => @preload ? "1" : "0"
@@ -151,12 +155,17 @@ class PumaServer
     end
   end
 
+  # The port is set once Puma has logged its listener; "booted" also needs
+  # every worker (cluster) or the ready line (single).
   def booted?
     text = log
+    @port ||= text[LISTENING, 1]&.then { |port| Integer(port) }
+    return false unless @port
+
     if @workers.positive?
-      text.include?("Listening on") && text.scan(WORKER_BOOTED).map(&:first).uniq.size >= @workers
+      text.scan(WORKER_BOOTED).map(&:first).uniq.size >= @workers
     else
-      text.include?("Listening on") && text.match?(SINGLE_READY)
+      text.match?(SINGLE_READY)
     end
   end
 

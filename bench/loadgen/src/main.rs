@@ -17,10 +17,15 @@
 //!   --origin-stats URL]`: opens N event streams, holds them, closes them all
 //!   and reports health, RSS of the watched processes and how long the
 //!   origin kept its streams open afterwards.
+//! - `events --url U --publish-url P --streams N [--publishes 20
+//!   --hold-secs S --rate-secs S --probe-url I --group-header H]`: SSE
+//!   subscribers fed by publishes the driver asks the app for; latency from
+//!   publish to every client, RSS per stream, delivered events/s (events.rs).
 //!
 //! Common: `--threads 2` (tokio workers), `--max-secs 600` (the whole run
 //! is aborted past this, whatever the mode).
 
+mod events;
 mod http;
 mod modes;
 mod report;
@@ -125,7 +130,10 @@ fn main() {
             "burst" => modes::burst(&args).await,
             "rate" => modes::rate(&args).await,
             "sse" => modes::sse(&args).await,
-            other => Err(format!("unknown mode {other:?}: download | burst | rate | sse")),
+            "events" => events::events(&args).await,
+            other => Err(format!(
+                "unknown mode {other:?}: download | burst | rate | sse | events"
+            )),
         }
     };
     let result = runtime.block_on(async {
