@@ -32,12 +32,15 @@
 //!   PostgreSQL backends, the header codec).
 //! - `runtime`: the per-process runtime, rebuilt after fork; settings.
 //! - `limits`, `stats`, `errors`: admission caps, counters, the error type.
+//! - `events`: `stream_events`/`publish`: SSE streams fed from Ruby (the
+//!   hub, the wire format, the replay ring, one task per stream).
 //! - `metrics`: the Prometheus text exposition and latency histograms.
 //! - `ruby` (feature `ruby`): the magnus bindings, the only Ruby-aware code.
 
 pub mod callbacks;
 pub mod delivery;
 pub mod errors;
+pub mod events;
 pub mod exchange;
 pub mod handoff;
 pub mod headers;
