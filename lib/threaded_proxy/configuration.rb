@@ -44,6 +44,11 @@ module ThreadedProxy
     # published with an id), and the bytes a stream may have queued unwritten
     # before it is disconnected as too slow.
     attr_accessor :event_replay, :event_queue_bytes
+    # Event streams across processes and machines: a PostgreSQL URL
+    # ("postgres://…"). publish stores the event and NOTIFYs; each process
+    # serving streams LISTENs and fans out to its own. nil (default): events
+    # reach the subscribers of the publishing process only.
+    attr_accessor :events_url
 
     def initialize
       # The soft descriptor limit less room for the app server and the app
@@ -78,6 +83,7 @@ module ThreadedProxy
       @async_retry_on = [429, 500..599]
       @event_replay = 100
       @event_queue_bytes = 1024 * 1024
+      @events_url = nil
     end
 
     # Pushes the settings to the Rust side (limits take effect at once).
@@ -114,6 +120,9 @@ module ThreadedProxy
         raise ArgumentError, "metrics_hosts must be an Array of host names"
       end
       raise ArgumentError, "event_replay must be an Integer >= 0" unless event_replay.is_a?(Integer) && event_replay >= 0
+      unless events_url.nil? || events_url.to_s.match?(%r{\Apostgres(ql)?://})
+        raise ArgumentError, "events_url must be nil or a postgres:// URL"
+      end
       raise ArgumentError, "zero_copy must be true, false or nil" unless [true, false, nil].include?(zero_copy)
       return if allowed_hosts.nil? || allowed_hosts.is_a?(Array)
 

@@ -26,6 +26,7 @@ module ThreadedProxy
     # Starts the stream; returns the Rack response for the app to return.
     def start
       ThreadedProxy.ensure_configured
+      Events.listen
       io = hijack
       return start_on_socket(io) if io
 

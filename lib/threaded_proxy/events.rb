@@ -4,8 +4,9 @@ require "json"
 
 module ThreadedProxy
   # publish and subscribers: the Ruby side of event streams (see
-  # EventStream for the streams themselves). Events reach the subscribers
-  # of this process only (like Action Cable's async adapter).
+  # EventStream for the streams themselves). Without events_url, events
+  # reach the subscribers of this process only (like Action Cable's async
+  # adapter); with it, every process's that listens on that database.
   module Events
     FORBIDDEN = /[\r\n\0]/.freeze
 
@@ -18,7 +19,16 @@ module ThreadedProxy
         event = check_field("event", event)
         id = check_field("id", id)
         data = data.is_a?(String) ? data : JSON.generate(data)
-        Native.publish(channel, data, event, id, Integer(ThreadedProxy.configuration.event_replay))
+        url = ThreadedProxy.configuration.events_url
+        return Native.publish(channel, data, event, id, Integer(ThreadedProxy.configuration.event_replay)) unless url
+
+        Native.publish_remote(url.to_s, channel, data, event, id)
+      end
+
+      # With events_url, starts this process's LISTEN connection (once).
+      def listen
+        url = ThreadedProxy.configuration.events_url
+        Native.events_listen(url.to_s, Integer(ThreadedProxy.configuration.event_replay)) if url
       end
 
       def subscribers(channel)
@@ -39,6 +49,7 @@ module ThreadedProxy
           raise ArgumentError, "an event channel must be a String or a Symbol, not #{channel.class}"
         end
         raise ArgumentError, "an event channel must not be empty" if channel.empty?
+        raise ArgumentError, "an event channel must not contain CR, LF or NUL" if FORBIDDEN.match?(channel)
 
         channel.to_s
       end

@@ -58,6 +58,11 @@ Rails.application.routes.draw do
   end
   # end event stream specs
 
+  # the event-stream demo page (rake demo)
+  get "/tasks/:id", to: "tasks#show"
+  get "/tasks/:id/progress", to: "tasks#progress"
+  post "/tasks/:id/start", to: "tasks#start"
+
   # bench routes (bench/, rakelib/bench.rake)
   get "/bench/inline_1k", to: "bench#inline_1k"
   get "/bench/proxy/*path", to: "bench#proxy", format: false

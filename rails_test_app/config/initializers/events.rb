@@ -7,3 +7,7 @@ if ENV["EVENTS_QUEUE_BYTES"] || ENV["EVENTS_REPLAY"]
     c.event_replay = Integer(ENV["EVENTS_REPLAY"]) if ENV["EVENTS_REPLAY"]
   end
 end
+
+# EVENTS_URL: a PostgreSQL database; publish then reaches the streams of
+# every worker (and of every other process listening there).
+ThreadedProxy.configure { |c| c.events_url = ENV["EVENTS_URL"] } if ENV["EVENTS_URL"]

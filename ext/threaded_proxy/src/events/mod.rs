@@ -4,6 +4,8 @@
 //! - `encode`: the SSE wire format (head, event, heartbeat).
 //! - `replay`: the per-channel ring behind `Last-Event-ID`.
 //! - `subscriber`: one stream's bounded queue, shared by the hub and its task.
+//! - `postgres`: `events_url`: publish through PostgreSQL NOTIFY, one
+//!   LISTEN connection per process that fans out locally.
 //! - `stream`: the tokio task of one stream (writes, heartbeat, leave).
 //!
 //! The hub maps a channel to its subscribers and its ring. `publish`
@@ -14,12 +16,13 @@
 //! runtime (an inherited hub lists the parent's streams).
 
 pub mod encode;
+pub mod postgres;
 pub mod replay;
 pub mod stream;
 pub mod subscriber;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -55,6 +58,14 @@ pub struct EventStats {
     pub dropped: AtomicU64,
     /// Streams disconnected because their queue passed `event_queue_bytes`.
     pub slow_cuts: AtomicU64,
+    /// Events sent to PostgreSQL by `publish` (events_url).
+    pub notified: AtomicU64,
+    /// 1 while the LISTEN connection is up (events_url).
+    pub listener_alive: AtomicU64,
+    /// LISTEN connections lost or refused.
+    pub listener_errors: AtomicU64,
+    /// Events read from the table after a reconnect.
+    pub caught_up: AtomicU64,
 }
 
 impl EventStats {
@@ -67,6 +78,10 @@ impl EventStats {
             ("events_delivered", self.delivered.load(Relaxed)),
             ("events_dropped", self.dropped.load(Relaxed)),
             ("events_slow_disconnects", self.slow_cuts.load(Relaxed)),
+            ("events_notified", self.notified.load(Relaxed)),
+            ("events_listener_alive", self.listener_alive.load(Relaxed)),
+            ("events_listener_errors", self.listener_errors.load(Relaxed)),
+            ("events_caught_up", self.caught_up.load(Relaxed)),
         ]
     }
 }
@@ -83,6 +98,11 @@ pub struct Hub {
     next_id: AtomicU64,
     /// The counters.
     pub stats: EventStats,
+    /// `event_replay`, for events that arrive from PostgreSQL (a local
+    /// publish passes its own).
+    replay: AtomicUsize,
+    /// The events_url this process LISTENs on, once its listener started.
+    pub listening: Mutex<Option<String>>,
 }
 
 static HUB: Mutex<Option<&'static Hub>> = Mutex::new(None);
@@ -115,7 +135,17 @@ impl Hub {
             channels: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             stats: EventStats::default(),
+            replay: AtomicUsize::new(100),
+            listening: Mutex::new(None),
         }
+    }
+
+    pub fn replay(&self) -> usize {
+        self.replay.load(Relaxed)
+    }
+
+    pub fn set_replay(&self, replay: usize) {
+        self.replay.store(replay, Relaxed);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Channel>> {

@@ -103,6 +103,58 @@ fn publish(
     })
 }
 
+/// `publish` with `events_url`: stores and NOTIFYs the event (blocking on
+/// the database, GVL released); every listening process, this one
+/// included, fans it out. Returns this process's subscribers of `channel`
+/// now (the local fan-out follows when the notification comes back).
+fn publish_remote(
+    ruby: &Ruby,
+    url: String,
+    channel: String,
+    data: Bytes,
+    event: Option<String>,
+    id: Option<String>,
+) -> Result<usize, Error> {
+    guard(|| {
+        let encoded = encode::event(event.as_deref(), id.as_deref(), &data)
+            .map_err(|m| errors::argument_error(ruby, m))?;
+        drop(data);
+        // The blocking client cannot be woken early: an interrupt waits for
+        // the statement (bounded by the connect timeout when the database
+        // is gone).
+        let stored = nogvl(
+            ruby,
+            || events::postgres::publish(&url, &channel, id.as_deref(), &encoded),
+            || {},
+        )?;
+        stored.map_err(|message| {
+            errors::raise(
+                ruby,
+                &crate::errors::ProxyError::Internal {
+                    message: format!("publish through events_url failed: {message}"),
+                },
+            )
+        })?;
+        let hub = events::hub();
+        hub.stats
+            .notified
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(hub.subscribers(&channel))
+    })
+}
+
+/// Starts this process's LISTEN connection for `url` (once; later calls
+/// only update `replay`, the ring size for events that arrive through it).
+fn events_listen(ruby: &Ruby, url: String, replay: usize) -> Result<(), Error> {
+    guard(|| {
+        let proxy = runtime::current().map_err(|e| errors::raise(ruby, &e))?;
+        let hub = events::hub();
+        hub.set_replay(replay);
+        events::postgres::ensure_listener(&proxy.runtime, hub, &url)
+            .map_err(|m| errors::argument_error(ruby, m))
+    })
+}
+
 /// Local subscribers of `channel` now.
 fn subscribers(channel: String) -> usize {
     events::existing().map_or(0, |hub| hub.subscribers(&channel))
@@ -123,6 +175,8 @@ pub fn define(native: &magnus::RModule) -> Result<(), Error> {
     use magnus::function;
     native.define_module_function("stream_events", function!(stream_events, 2))?;
     native.define_module_function("publish", function!(publish, 5))?;
+    native.define_module_function("publish_remote", function!(publish_remote, 5))?;
+    native.define_module_function("events_listen", function!(events_listen, 2))?;
     native.define_module_function("subscribers", function!(subscribers, 1))?;
     native.define_module_function("event_stats", function!(event_stats, 0))?;
     Ok(())
