@@ -8,7 +8,7 @@ require "rbconfig"
 # worker LISTENs and fans out to its own streams. Real PostgreSQL (started
 # by the spec), real Puma in cluster mode, raw SSE clients.
 RSpec.describe "event streams across processes (events_url)" do
-  ROOT_DIR = File.expand_path("../..", __dir__)
+  EVENTS_ROOT_DIR = File.expand_path("../..", __dir__)
 
   before(:all) do
     @postgres = PostgresServer.new.start
@@ -61,7 +61,7 @@ RSpec.describe "event streams across processes (events_url)" do
       ThreadedProxy.configure { |c| c.events_url = ARGV[0] }
       print ThreadedProxy.publish(ARGV[1], ARGV[2], id: ARGV[3].empty? ? nil : ARGV[3])
     RUBY
-    out = IO.popen([RbConfig.ruby, "-I", File.join(ROOT_DIR, "lib"), "-e", script, @url, channel, data, id.to_s],
+    out = IO.popen([RbConfig.ruby, "-I", File.join(EVENTS_ROOT_DIR, "lib"), "-e", script, @url, channel, data, id.to_s],
                    err: %i[child out], &:read)
     expect($?.success?).to be(true), out
     out

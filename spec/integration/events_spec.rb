@@ -7,7 +7,7 @@ require "socket"
 # stream_events / publish against a real Puma (one thread: every stream must
 # free it at once) with raw TCP SSE clients that check the wire bytes.
 RSpec.describe "event streams (stream_events, publish)" do
-  HEAD = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n" \
+  SSE_HEAD = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n" \
          "x-accel-buffering: no\r\nconnection: close\r\n"
 
   def publish(puma, channel, data, **fields)
@@ -37,7 +37,7 @@ RSpec.describe "event streams (stream_events, publish)" do
   end
 
   def head_for(pid, retry_ms: nil)
-    "#{HEAD}x-pid: #{pid}\r\n\r\n#{retry_ms ? "retry: #{retry_ms}\n\n" : ""}"
+    "#{SSE_HEAD}x-pid: #{pid}\r\n\r\n#{retry_ms ? "retry: #{retry_ms}\n\n" : ""}"
   end
 
   before { @clients = [] }
@@ -123,6 +123,23 @@ RSpec.describe "event streams (stream_events, publish)" do
       expect(wait_subscribers(puma, "leave", 0, timeout: 2)).to eq(0)
       stats = JSON.parse(RawHTTP.request("#{puma.url}/stats").body)
       expect(stats["events_streams_open"]).to eq(@clients.count { |c| !c.socket.closed? })
+    end
+
+    it "counts streams, publishes and deliveries in stats and the Prometheus exposition" do
+      stats = -> { JSON.parse(RawHTTP.request("#{puma.url}/stats").body) }
+      before = stats.call
+      clients = Array.new(2) { open_stream(puma, "channels=counted") }
+      clients.each(&:head)
+      3.times { |i| publish(puma, "counted", "n#{i}") }
+      clients.each { |c| c.take_until("data: n2\n\n") }
+      after = stats.call
+      deltas = %w[events_streams_started events_published events_delivered].map { |k| after[k] - before[k] }
+      expect(deltas).to eq([2, 3, 6])
+      expect(after["events_streams_open"]).to be >= 2
+      text = RawHTTP.request("#{puma.url}/metrics").body
+      expect(text).to include("# TYPE threaded_proxy_events_streams_open gauge\n")
+      expect(text).to match(/^threaded_proxy_events_delivered_total\{pid="#{pid}"\} #{after["events_delivered"]}$/)
+      expect(text).to include("# TYPE threaded_proxy_events_slow_disconnects counter\n")
     end
 
     it "answers ArgumentError for bad arguments before the socket is taken" do

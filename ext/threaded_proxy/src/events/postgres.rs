@@ -93,6 +93,7 @@ pub fn notification(id: i64, channel: &str, event_id: Option<&str>, event: &[u8]
 /// What a notification says: the id, and the event when it was inline.
 #[derive(Debug, PartialEq)]
 pub struct Notice {
+    /// The row id.
     pub id: i64,
     /// (channel, event id, encoded event).
     pub inline: Option<(String, Option<String>, Bytes)>,

@@ -127,9 +127,13 @@ impl Drop for Membership {
 
 /// What the write loop needs, borrowed from the task.
 struct Job<'a> {
+    /// The queue to write from (and whether it was cut).
     sub: &'a Subscriber,
+    /// Where deliveries are counted.
     stats: &'a EventStats,
+    /// Silence before a heartbeat (or the end, with `end_when_idle`).
     heartbeat: Duration,
+    /// The rack-test fallback: end instead of sending a heartbeat.
     end_when_idle: bool,
 }
 
