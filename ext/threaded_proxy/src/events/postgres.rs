@@ -232,9 +232,10 @@ async fn listen(hub: &'static Hub, config: tokio_postgres::Config) {
     let mut last: Option<i64> = None;
     let mut pause = Duration::from_millis(100);
     loop {
-        if session(hub, &config, &mut last, &mut pause).await.is_err() {
-            hub.stats.listener_errors.fetch_add(1, Relaxed);
-        }
+        // A session ends only when its connection was lost or refused
+        // (an error or the server closing it): both count.
+        let _ = session(hub, &config, &mut last, &mut pause).await;
+        hub.stats.listener_errors.fetch_add(1, Relaxed);
         hub.stats.listener_alive.store(0, Relaxed);
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(2));
