@@ -13,6 +13,8 @@ require_relative "threaded_proxy/responder"
 require_relative "threaded_proxy/dispatcher"
 require_relative "threaded_proxy/response_reader"
 require_relative "threaded_proxy/exchange"
+require_relative "threaded_proxy/events"
+require_relative "threaded_proxy/event_stream"
 require_relative "threaded_proxy/async"
 require_relative "threaded_proxy/metrics"
 require_relative "threaded_proxy/rack"
@@ -52,7 +54,25 @@ module ThreadedProxy
     # ended or held past callback_timeout, each replaced) and
     # callback_threads_stuck (replaced ones still in their callback).
     def stats
-      Native.stats.merge!(Dispatcher.instance.thread_stats)
+      Native.stats.merge!(Dispatcher.instance.thread_stats).merge!(Native.event_stats)
+    end
+
+    # Streams Server-Sent Events from `channels` to the client of `env` (a
+    # plain Rack app; controllers call stream_events); returns the Rack
+    # response to return.
+    def stream_events(env, *channels, **options)
+      EventStream.new(env, channels, **options).start
+    end
+
+    # Queues an event for every subscriber of `channel` in this process;
+    # returns how many (see Events.publish).
+    def publish(channel, data, event: nil, id: nil)
+      Events.publish(channel, data, event:, id:)
+    end
+
+    # Subscribers of `channel` in this process now.
+    def subscribers(channel)
+      Events.subscribers(channel)
     end
 
     # Starts the runtime and the callback threads now instead of on the first

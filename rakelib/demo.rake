@@ -21,8 +21,18 @@ task :demo, [:mode] do |_t, args|
     show.call("/headers_proxy/headers?h=Set-Cookie:a=1&h=Set-Cookie:b=2&h=X-Remove-Me:gone")
     show.call("/proxy/echo?hello=world")
     show.call("/proxy/status?code=404&reason=Not+Here")
+    # Event streams: a task publishes its progress from a background
+    # thread; curl follows the EventSource the /tasks/1 page opens.
+    puts "$ curl -sN '#{puma.url}/tasks/1/progress'   (while a task publishes its progress)"
+    stream = IO.popen(["curl", "-sN", "--max-time", "3", "#{puma.url}/tasks/1/progress"])
+    IO.popen(["curl", "-s", "-X", "POST", "#{puma.url}/tasks/1/start?steps=4&interval=0.3"], &:read)
+    events = stream.read
+    stream.close
+    puts events, ""
+    raise "demo: no events from /tasks/1/progress" unless events.include?("event: taskProgress")
     unless args[:mode] == "--once"
       puts "Try: curl -i #{puma.url}/proxy/bytes?n=100   curl -N #{puma.url}/proxy/drip?n=5&interval=1"
+      puts "     open #{puma.url}/tasks/7 in a browser (EventSource progress bar)"
       puts "Ctrl-C stops the demo."
       sleep
     end

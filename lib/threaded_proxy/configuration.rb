@@ -40,6 +40,16 @@ module ThreadedProxy
                   :async_max_attempts, :async_backoff, :async_backoff_max, :async_success,
                   :async_retry_on
 
+    # Event streams: events kept per channel for Last-Event-ID replay (those
+    # published with an id), and the bytes a stream may have queued unwritten
+    # before it is disconnected as too slow.
+    attr_accessor :event_replay, :event_queue_bytes
+    # Event streams across processes and machines: a PostgreSQL URL
+    # ("postgres://…"). publish stores the event and NOTIFYs; each process
+    # serving streams LISTENs and fans out to its own. nil (default): events
+    # reach the subscribers of the publishing process only.
+    attr_accessor :events_url
+
     def initialize
       # The soft descriptor limit less room for the app server and the app
       # (listeners, logs, sockets accepted but not handed over yet, idle
@@ -71,6 +81,9 @@ module ThreadedProxy
       @async_backoff_max = 300.0
       @async_success = 200..299
       @async_retry_on = [429, 500..599]
+      @event_replay = 100
+      @event_queue_bytes = 1024 * 1024
+      @events_url = nil
     end
 
     # Pushes the settings to the Rust side (limits take effect at once).
@@ -96,7 +109,7 @@ module ThreadedProxy
     private
 
     def validate!
-      { max_connections:, max_connections_per_origin:, fd_budget:, callback_threads: }.each do |name, value|
+      { max_connections:, max_connections_per_origin:, fd_budget:, callback_threads:, event_queue_bytes: }.each do |name, value|
         raise ArgumentError, "#{name} must be a positive Integer" unless value.is_a?(Integer) && value.positive?
       end
       { connect_timeout:, header_timeout:, idle_timeout:, callback_timeout:, shutdown_timeout: }.each do |name, value|
@@ -105,6 +118,10 @@ module ThreadedProxy
       unless metrics_hosts.nil? || metrics_hosts.is_a?(String) ||
              (metrics_hosts.is_a?(Array) && metrics_hosts.all? { |h| h.is_a?(String) || h.is_a?(Symbol) })
         raise ArgumentError, "metrics_hosts must be an Array of host names"
+      end
+      raise ArgumentError, "event_replay must be an Integer >= 0" unless event_replay.is_a?(Integer) && event_replay >= 0
+      unless events_url.nil? || events_url.to_s.match?(%r{\Apostgres(ql)?://})
+        raise ArgumentError, "events_url must be nil or a postgres:// URL"
       end
       raise ArgumentError, "zero_copy must be true, false or nil" unless [true, false, nil].include?(zero_copy)
       return if allowed_hosts.nil? || allowed_hosts.is_a?(Array)

@@ -35,6 +35,14 @@ module ThreadedProxy
       apply_threaded_proxy_response(ThreadedProxy.tunnel(request.env, target, **options))
     end
 
+    # Streams Server-Sent Events published to `channels` (ThreadedProxy.publish)
+    # to this client and frees the Puma thread at once:
+    #
+    #   stream_events "task:#{task.id}", retry: 3_000, heartbeat: 15
+    def stream_events(*channels, **options)
+      apply_threaded_proxy_response(ThreadedProxy.stream_events(request.env, *channels, **options))
+    end
+
     private
 
     def apply_threaded_proxy_response(rack_response)

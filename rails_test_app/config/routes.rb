@@ -49,6 +49,20 @@ Rails.application.routes.draw do
   end
   # end fault specs
 
+  # event stream specs (spec/integration/events_spec.rb)
+  scope "/events", controller: :events, format: false do
+    get "stream", action: :stream
+    post "publish", action: :publish
+    get "subscribers", action: :subscribers
+    get "bad/:case", action: :bad
+  end
+  # end event stream specs
+
+  # the event-stream demo page (rake demo)
+  get "/tasks/:id", to: "tasks#show"
+  get "/tasks/:id/progress", to: "tasks#progress"
+  post "/tasks/:id/start", to: "tasks#start"
+
   # bench routes (bench/, rakelib/bench.rake)
   get "/bench/inline_1k", to: "bench#inline_1k"
   get "/bench/proxy/*path", to: "bench#proxy", format: false

@@ -51,6 +51,12 @@ class PostgresServer
     @dir = nil
   end
 
+  # Restarts the server (fast shutdown: every connection is closed), as a
+  # database failover or upgrade would.
+  def restart
+    run("pg_ctl", "-D", data_dir, "-l", log_path, "-m", "fast", "-w", "-t", "30", "restart")
+  end
+
   # A new empty database; its URL.
   def create_database(name)
     psql("postgres", "CREATE DATABASE #{name}")

@@ -46,12 +46,15 @@
 //! - `stats`: the process-wide counters, and the per-exchange `Meter` that
 //!   the client writer, the splice and the tunnel count bytes through.
 //! - `errors`: the error type and what Ruby gets of it.
+//! - `events`: `stream_events`/`publish`: SSE streams fed from Ruby (the
+//!   hub, the wire format, the replay ring, one task per stream).
 //! - `metrics`: the Prometheus text exposition and latency histograms.
 //! - `ruby` (feature `ruby`): the magnus bindings, the only Ruby-aware code.
 
 pub mod callbacks;
 pub mod delivery;
 pub mod errors;
+pub mod events;
 pub mod exchange;
 pub mod handoff;
 pub mod headers;

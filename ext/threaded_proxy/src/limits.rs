@@ -22,6 +22,8 @@ pub const EXCHANGE_FDS: usize = 2;
 /// Extra descriptors of a spliced body: the pipe's two ends and the
 /// duplicate of the client socket registered for writability.
 pub const SPLICE_FDS: usize = 3;
+/// Descriptors an event stream holds: the client's duplicate.
+pub const STREAM_FDS: usize = 1;
 
 /// The process's caps and what running exchanges hold of them. The caps
 /// are atomics, not constants, so `configure` changes them while exchanges
@@ -85,7 +87,8 @@ impl Limits {
             .is_ok()
     }
 
-    /// A permit reserving `fds` descriptors, or which cap is full.
+    /// A permit reserving `fds` descriptors, or which cap is full. An empty
+    /// `origin` (an event stream, which has none) skips the per-origin cap.
     pub fn try_acquire(&self, origin: &str, fds: usize) -> Result<Permit<'_>, &'static str> {
         let max_total = self.max_total.load(Ordering::Relaxed);
         if self
@@ -100,6 +103,13 @@ impl Limits {
         if !self.take_fds(fds) {
             self.total.fetch_sub(1, Ordering::AcqRel);
             return Err("fd_budget reached (file descriptors)");
+        }
+        if origin.is_empty() {
+            return Ok(Permit {
+                limits: self,
+                origin: String::new(),
+                fds,
+            });
         }
         let mut per_origin = self.per_origin.lock().unwrap_or_else(|e| e.into_inner());
         let count = per_origin.entry(origin.to_owned()).or_insert(0);

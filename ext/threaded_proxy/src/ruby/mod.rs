@@ -4,6 +4,7 @@
 
 mod delivery;
 mod errors;
+mod events;
 mod job;
 mod native;
 mod nogvl;
@@ -16,5 +17,6 @@ pub fn init(ruby: &Ruby) -> Result<(), Error> {
     native::define(&native)?;
     job::define(ruby, &native)?;
     delivery::define(&native)?;
+    events::define(&native)?;
     Ok(())
 }
