@@ -38,9 +38,10 @@ module ThreadedProxy
 
         checked = Options.new(url, { method: options.fetch(:method, :post), headers: options.fetch(:headers, {}),
                                      body: options.fetch(:body, :rack) })
-        spec = { method: checked.method, url: checked.url, headers: headers(env, checked) }.merge(body(env, checked.body))
+        spec = ExchangeSpec.new(method: checked.method, url: checked.url, headers: headers(env, checked),
+                                **RequestBody.fields(env, checked.body))
         start
-        [Native.async_enqueue(spec), status]
+        [Native.async_enqueue(spec.to_native), status]
       end
 
       # Starts delivering in this process (idempotent; again after fork).
@@ -102,11 +103,6 @@ module ThreadedProxy
         own = checked.headers.reject { |name, _| NOT_STORED.include?(name.to_s.downcase) }
         names = own.map { |name, _| name.to_s.downcase }
         pairs.reject { |name, _| names.include?(name.downcase) } + own
-      end
-
-      # A file goes as its fd: Rust copies it into the queue without the GVL.
-      def body(env, body)
-        RequestBody.spec(env, body)
       end
 
       def wait_idle(deadline)

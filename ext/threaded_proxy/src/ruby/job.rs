@@ -10,6 +10,7 @@ use magnus::value::ReprValue;
 use magnus::{Error, RArray, Ruby, TryConvert, Value};
 use tokio::sync::{mpsc, oneshot};
 
+use super::args;
 use super::errors;
 use super::nogvl::{guard, nogvl};
 use crate::callbacks::{
@@ -17,7 +18,6 @@ use crate::callbacks::{
     ResponseHead, Summary,
 };
 use crate::errors::{ErrorReport, ProxyError};
-use crate::handoff;
 use crate::headers::HeaderList;
 use crate::runtime;
 
@@ -168,12 +168,7 @@ impl Job {
     ) -> Result<bool, Error> {
         check_final_status(ruby, status)?;
         let headers = parse_headers(ruby, headers)?;
-        let owned = handoff::duplicate(fd).map_err(|e| {
-            Error::new(
-                ruby.exception_io_error(),
-                format!("cannot duplicate body fd: {e}"),
-            )
-        })?;
+        let owned = args::duplicate(fd, "body").map_err(|e| e.io_error(ruby))?;
         Ok(rb_self.answer(CallbackReply::Render(Rendered {
             status,
             headers,

@@ -2,8 +2,10 @@
 //! point here runs on a Ruby thread holding the GVL (or releases it through
 //! `nogvl`); tokio threads never come here.
 
+mod args;
 mod delivery;
 mod errors;
+mod exchange_spec;
 mod job;
 mod native;
 mod nogvl;
