@@ -144,24 +144,34 @@ pub enum CallbackEvent {
     Finished(Summary),
 }
 
+/// Each event's kind (the Symbol `Job#kind` gives Ruby) and the user's
+/// callback it runs, in [`CallbackEvent`] order: the one list of them,
+/// which Ruby reads as `Native::Job::CALLBACKS`.
+pub const KINDS: [(&str, &str); 4] = [
+    ("headers", "on_headers"),
+    ("response", "on_response"),
+    ("error", "on_error"),
+    ("finished", "on_complete"),
+];
+
 impl CallbackEvent {
-    pub fn name(&self) -> &'static str {
+    fn index(&self) -> usize {
         match self {
-            CallbackEvent::Headers(_) => "headers",
-            CallbackEvent::Response(_) => "response",
-            CallbackEvent::Error(_) => "error",
-            CallbackEvent::Finished(_) => "finished",
+            CallbackEvent::Headers(_) => 0,
+            CallbackEvent::Response(_) => 1,
+            CallbackEvent::Error(_) => 2,
+            CallbackEvent::Finished(_) => 3,
         }
+    }
+
+    /// The kind, as `Job#kind` names it.
+    pub fn name(&self) -> &'static str {
+        KINDS[self.index()].0
     }
 
     /// The user's callback this event runs, to name it in error messages.
     pub fn callback(&self) -> &'static str {
-        match self {
-            CallbackEvent::Headers(_) => "on_headers",
-            CallbackEvent::Response(_) => "on_response",
-            CallbackEvent::Error(_) => "on_error",
-            CallbackEvent::Finished(_) => "on_complete",
-        }
+        KINDS[self.index()].1
     }
 }
 
@@ -178,13 +188,30 @@ pub struct Rendered {
     pub body: RenderedBody,
 }
 
+/// A callback's answer. Ruby's `Job` sends it through named replies:
+/// `pass` ([`CallbackReply::pass`]), `amend` (Continue with a changed
+/// head), `render` / `render_file` (Render) and `fail` (Failed).
 pub enum CallbackReply {
+    /// Go on with this head (on_headers, on_response); for an error event
+    /// the head is ignored and the default error answer goes out.
     Continue(ResponseHead),
     Render(Rendered),
     /// The callback raised: answer 500 (when nothing was sent yet).
     Failed {
         message: String,
     },
+}
+
+impl CallbackReply {
+    /// "Leave the answer as it is": the event's own head unchanged, or for
+    /// an error event (which has no head) the default error answer.
+    pub fn pass(head: Option<ResponseHead>) -> CallbackReply {
+        CallbackReply::Continue(head.unwrap_or(ResponseHead {
+            status: 0,
+            reason: None,
+            headers: Vec::new(),
+        }))
+    }
 }
 
 /// Where Ruby's `response.body` gets the buffered origin body from.
@@ -303,6 +330,59 @@ impl CallbackBridge {
 mod tests {
     use super::*;
     use std::thread;
+
+    #[test]
+    fn every_event_has_its_own_kind_and_callback() {
+        let head = ResponseHead {
+            status: 200,
+            reason: None,
+            headers: vec![],
+        };
+        let report = ErrorReport::from(&ProxyError::Internal {
+            message: String::new(),
+        });
+        let summary = Summary {
+            method: "GET".into(),
+            url: "http://x".into(),
+            status: None,
+            head: None,
+            bytes_from_origin: 0,
+            bytes_to_client: 0,
+            bytes_from_client: 0,
+            time_to_first_byte: None,
+            total_time: Duration::ZERO,
+            error: None,
+        };
+        let events = [
+            CallbackEvent::Headers(head.clone()),
+            CallbackEvent::Response(head),
+            CallbackEvent::Error(report),
+            CallbackEvent::Finished(summary),
+        ];
+        let named: Vec<_> = events.iter().map(|e| (e.name(), e.callback())).collect();
+        assert_eq!(named, KINDS.to_vec());
+        assert_eq!(
+            KINDS.map(|(kind, _)| kind),
+            ["headers", "response", "error", "finished"]
+        );
+    }
+
+    #[test]
+    fn pass_keeps_the_head_or_asks_for_the_default_answer() {
+        let head = ResponseHead {
+            status: 201,
+            reason: Some("Made".into()),
+            headers: vec![("x-a".into(), Bytes::from_static(b"1"))],
+        };
+        let CallbackReply::Continue(kept) = CallbackReply::pass(Some(head)) else {
+            panic!("pass is a Continue")
+        };
+        assert_eq!(
+            (kept.status, kept.reason.as_deref(), kept.headers.len()),
+            (201, Some("Made"), 1)
+        );
+        assert!(matches!(CallbackReply::pass(None), CallbackReply::Continue(_)));
+    }
 
     #[test]
     fn pop_wait_returns_items_in_order() {
