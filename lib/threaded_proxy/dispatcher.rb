@@ -22,7 +22,7 @@ module ThreadedProxy
   # its thread, but a watcher gives its slot to a new thread, so a hung
   # callback cannot starve the others either.
   class Dispatcher
-    Record = Struct.new(:config, :method, :url, :response, :failure, :failure_message, keyword_init: true)
+    Record = Struct.new(:callbacks, :method, :url, :response, :failure, :failure_message, keyword_init: true)
 
     # Job kind (:headers, :response, :error, :finished) => the callback it
     # runs ("on_headers", …): listed once, by Rust (callbacks::KINDS). Each
@@ -272,7 +272,7 @@ module ThreadedProxy
 
     def on_headers(job, record)
       response = Response.new(job.status, job.reason, job.headers)
-      record.config[:on_headers].call(response)
+      record.callbacks[:on_headers].call(response)
       record.response = response
       job.amend(response.status, response.reason_if_changed, response.header_pairs)
     end
@@ -280,7 +280,7 @@ module ThreadedProxy
     def on_response(job, record)
       response = Response.new(job.status, job.reason, job.headers, job: job)
       responder = Responder.new(job)
-      record.config[:on_response].call(response, responder)
+      record.callbacks[:on_response].call(response, responder)
       record.response = response
       return if responder.closed?
       if response.body_consumed?
@@ -302,7 +302,7 @@ module ThreadedProxy
         error = record.failure
         record.failure = nil
       end
-      record.config[:on_error].call(error, responder)
+      record.callbacks[:on_error].call(error, responder)
       job.pass unless responder.closed? # the default answer (502, 504, …)
     end
 
@@ -311,7 +311,7 @@ module ThreadedProxy
     def on_complete(job, record)
       summary = job.summary
       error = summary[:error]
-      if record && error.nil? && (callback = record.config[:on_complete])
+      if record && error.nil? && (callback = record.callbacks[:on_complete])
         head = job.headers
         response = head ? Response.new(job.status, job.reason, head) : (record.response || Response.new(summary[:status], nil, []))
         callback.call(response)

@@ -33,8 +33,8 @@ module ThreadedProxy
       @env = env
       @tunnel = tunnel
       @options = tunnel ? TunnelOptions.new(url, options) : Options.new(url, options)
-      @config = Config.new
-      block&.call(@config)
+      @callbacks = Callbacks.new
+      block&.call(@callbacks)
     end
 
     # Starts the exchange; returns the Rack response for the app to return.
@@ -132,7 +132,7 @@ module ThreadedProxy
         return 0
       end
 
-      dispatcher.register(Dispatcher::Record.new(config: @config, method: spec.method, url: spec.url))
+      dispatcher.register(Dispatcher::Record.new(callbacks: @callbacks, method: spec.method, url: spec.url))
     end
 
     # Whether Ruby must hear of the end of a successful exchange: for its
@@ -140,7 +140,7 @@ module ThreadedProxy
     def reported?
       return @reported if defined?(@reported)
 
-      @reported = @config.any? || Dispatcher.instrumented?
+      @reported = @callbacks.any? || Dispatcher.instrumented?
     end
 
     # The client IO, or nil when this server cannot hand it over safely.
@@ -161,9 +161,9 @@ module ThreadedProxy
       client = {
         client_head: @env["REQUEST_METHOD"] == "HEAD",
         client_http10: request_line_version == "HTTP/1.0",
-        on_headers: !@config[:on_headers].nil?,
-        on_response: !@config[:on_response].nil?,
-        on_error: !@config[:on_error].nil?,
+        on_headers: !@callbacks[:on_headers].nil?,
+        on_response: !@callbacks[:on_response].nil?,
+        on_error: !@callbacks[:on_error].nil?,
         finished: reported?
       }
       @tunnel ? tunnel_spec(client) : fetch_spec(client)

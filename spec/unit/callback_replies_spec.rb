@@ -31,10 +31,10 @@ RSpec.describe "callback jobs and their named replies" do
   end
 
   let(:dispatcher) { ThreadedProxy::Dispatcher.new }
-  let(:callbacks) { ThreadedProxy::Config.new }
+  let(:callbacks) { ThreadedProxy::Callbacks.new }
 
   def run(job)
-    record = ThreadedProxy::Dispatcher::Record.new(config: callbacks, method: "GET", url: "http://o.test/")
+    record = ThreadedProxy::Dispatcher::Record.new(callbacks: callbacks, method: "GET", url: "http://o.test/")
     dispatcher.instance_variable_get(:@records)[job.exchange_id] = record
     allow(dispatcher).to receive(:log_line) # a failing callback logs; not under test here
     dispatcher.send(:handle, job)
