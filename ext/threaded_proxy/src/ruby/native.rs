@@ -181,10 +181,49 @@ fn wait_idle(ruby: &Ruby, timeout: f64) -> Result<bool, Error> {
     })
 }
 
-/// The default `fd_budget` for this process's descriptor limit, for Ruby's
-/// `Configuration` (one rule: `limits::default_fd_budget`).
-fn default_fd_budget() -> usize {
-    crate::limits::default_fd_budget(crate::limits::soft_fd_limit())
+/// The defaults of the process-wide settings, for Ruby's `Configuration`
+/// (one place: `Settings::default` and `DeliverySettings::default`; the
+/// per-call timeouts and the Ruby-only settings are Ruby's). Seconds as
+/// Floats; status ranges as `[[low, high], …]`; an async_rate of 0 is none.
+fn default_settings(ruby: &Ruby) -> Result<RHash, Error> {
+    let runtime = Settings::default();
+    let delivery = crate::delivery::DeliverySettings::default();
+    let ranges = |list: &[std::ops::RangeInclusive<u16>]| -> Result<RArray, Error> {
+        let array = ruby.ary_new_capa(list.len());
+        for range in list {
+            array.push((*range.start(), *range.end()))?;
+        }
+        Ok(array)
+    };
+    let hash = ruby.hash_new();
+    let key = |name: &str| ruby.to_symbol(name);
+    hash.aset(key("max_connections"), runtime.max_connections)?;
+    hash.aset(
+        key("max_connections_per_origin"),
+        runtime.max_connections_per_origin,
+    )?;
+    hash.aset(key("fd_budget"), runtime.fd_budget)?;
+    hash.aset(key("runtime_threads"), runtime.runtime_threads)?;
+    hash.aset(key("callback_timeout"), runtime.callback_timeout.as_secs_f64())?;
+    hash.aset(key("pool_idle_timeout"), runtime.pool_idle_timeout.as_secs_f64())?;
+    hash.aset(key("pool_max_idle_per_host"), runtime.pool_max_idle_per_host)?;
+    if let crate::delivery::QueueLocation::Sqlite(path) = &delivery.queue {
+        hash.aset(key("async_queue_path"), path.to_string_lossy().as_ref())?;
+    }
+    hash.aset(key("async_concurrency"), delivery.concurrency)?;
+    hash.aset(key("async_rate"), delivery.rate)?;
+    hash.aset(key("async_timeout"), delivery.timeout.as_secs_f64())?;
+    hash.aset(key("async_max_attempts"), delivery.max_attempts)?;
+    hash.aset(key("async_backoff"), delivery.backoff.as_secs_f64())?;
+    hash.aset(key("async_backoff_max"), delivery.backoff_max.as_secs_f64())?;
+    hash.aset(key("async_success"), ranges(&delivery.success)?)?;
+    hash.aset(key("async_retry_on"), ranges(&delivery.retry)?)?;
+    Ok(hash)
+}
+
+/// The hop-by-hop header names (lowercase): `headers.rs` owns the list.
+fn hop_by_hop_headers() -> Vec<&'static str> {
+    crate::headers::hop_by_hop().to_vec()
 }
 
 /// Aborts every running exchange.
@@ -226,7 +265,8 @@ pub fn define(native: &magnus::RModule) -> Result<(), Error> {
     native.define_module_function("check_url", function!(check_url, 2))?;
     native.define_module_function("next_job", function!(next_job, 1))?;
     native.define_module_function("configure", function!(configure, 1))?;
-    native.define_module_function("default_fd_budget", function!(default_fd_budget, 0))?;
+    native.define_module_function("default_settings", function!(default_settings, 0))?;
+    native.define_module_function("hop_by_hop_headers", function!(hop_by_hop_headers, 0))?;
     native.define_module_function("stats", function!(stats, 0))?;
     native.define_module_function("metrics_text", function!(metrics_text, 1))?;
     native.define_module_function("stop_accepting", function!(stop_accepting, 0))?;
