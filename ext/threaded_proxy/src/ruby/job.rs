@@ -23,13 +23,20 @@ use crate::runtime;
 
 #[magnus::wrap(class = "ThreadedProxy::Native::Job", free_immediately, size)]
 pub struct Job {
+    /// Which exchange's procs the dispatcher runs (its Record's key).
     exchange_id: u64,
+    /// One of `callbacks::KINDS`, given to Ruby as a Symbol.
     kind: &'static str,
+    /// The head a headers or response job shows (and `pass` keeps); the
+    /// head the client got for a finished one.
     head: Option<ResponseHead>,
+    /// What failed, for an error job (on_error).
     error: Option<ErrorReport>,
+    /// How the exchange ended, for a finished job (on_complete, the event).
     summary: Option<Summary>,
     /// Taken by the first answer; later answers are ignored.
     reply: Mutex<Option<oneshot::Sender<CallbackReply>>>,
+    /// Response jobs only: how `read_body` asks the exchange for the body.
     body_access: Option<mpsc::UnboundedSender<BodyRequest>>,
 }
 
