@@ -104,20 +104,6 @@ module ThreadedProxy
       end
     end
 
-    # The body of a refused exchange in the request thread; closable like
-    # the streaming body a started one returns.
-    class RefusedBody
-      def initialize(chunks)
-        @chunks = chunks
-      end
-
-      def each(&block)
-        @chunks.each(&block)
-      end
-
-      def close; end
-    end
-
     # The Rack form of OVERLOADED (an exchange refused before it started).
     def overloaded(spec)
       [503, OVERLOAD_HEADERS.dup, RefusedBody.new(spec.client_head ? [] : [OVERLOAD_BODY])]
