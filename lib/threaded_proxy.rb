@@ -7,17 +7,23 @@ require_relative "threaded_proxy/configuration"
 require_relative "threaded_proxy/options"
 require_relative "threaded_proxy/tunnel_options"
 require_relative "threaded_proxy/request_body"
-require_relative "threaded_proxy/config"
+require_relative "threaded_proxy/exchange_spec"
+require_relative "threaded_proxy/callbacks"
 require_relative "threaded_proxy/response"
 require_relative "threaded_proxy/responder"
 require_relative "threaded_proxy/dispatcher"
 require_relative "threaded_proxy/response_reader"
+require_relative "threaded_proxy/response_reader/body"
 require_relative "threaded_proxy/exchange"
 require_relative "threaded_proxy/events"
 require_relative "threaded_proxy/event_stream"
+require_relative "threaded_proxy/exchange/refused_body"
 require_relative "threaded_proxy/async"
+require_relative "threaded_proxy/async/controller"
+require_relative "threaded_proxy/async/shutdown"
 require_relative "threaded_proxy/metrics"
-require_relative "threaded_proxy/rack"
+require_relative "threaded_proxy/forwarding"
+require_relative "threaded_proxy/middleware"
 require_relative "threaded_proxy/controller"
 require_relative "threaded_proxy/railtie" if defined?(Rails::Railtie)
 
@@ -26,6 +32,9 @@ require_relative "threaded_proxy/railtie" if defined?(Rails::Railtie)
 # response to it; Ruby runs only the callbacks you give.
 module ThreadedProxy
   class << self
+    # ThreadedProxy.shutdown stops deferred delivery too.
+    prepend Async::Shutdown
+
     def configuration
       @configuration ||= Configuration.new
     end
@@ -123,6 +132,41 @@ module ThreadedProxy
 
         sleep 0.01
       end
+    end
+
+    # The options reverse_proxy and the middleware use to pass a request
+    # through: same method and body, client headers, X-Forwarded-*.
+    def forwarding_options(env)
+      Forwarding.options(env)
+    end
+
+    def forwarded_for_headers(env)
+      Forwarding.forwarded_for_headers(env)
+    end
+
+    # Starts deferred delivery in this process now (else on first use).
+    def async_start
+      Async.start
+    end
+
+    # Machine-wide counts: { queued:, in_flight:, delivered:, retrying:, dead: }
+    # (plus running_here: attempts running in this process).
+    def async_stats
+      Async.start
+      Native.async_stats
+    end
+
+    # Requests that will not be tried again: [{ id:, method:, url:, attempts:, last_error: }].
+    def async_dead(limit: 1000)
+      Async.start
+      Native.async_dead(Integer(limit))
+    end
+
+    # Puts a dead request (by id) or all of them (:all) back in the queue
+    # with a fresh attempt count; the number requeued.
+    def async_requeue(id_or_all)
+      Async.start
+      Native.async_requeue(id_or_all == :all ? nil : Integer(id_or_all))
     end
 
     private

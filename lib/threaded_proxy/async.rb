@@ -12,20 +12,6 @@ module ThreadedProxy
     # or are computed again for the delivery.
     NOT_STORED = (Options::HOP_BY_HOP + %w[host content-length expect]).freeze
 
-    # include ThreadedProxy::Async::Controller (ThreadedProxy::Controller
-    # includes it) for proxy_async.
-    module Controller
-      # Stores this request for `url` and answers `respond_with` (an empty
-      # body) once it is on disk; returns the queue id.
-      #
-      #   proxy_async "http://hooks.internal/events", headers: { "Authorization" => token }
-      def proxy_async(url, **options)
-        id, status = Async.enqueue(request.env, url, options)
-        head status
-        id
-      end
-    end
-
     class << self
       # [id, status to answer] for a request taken from `env`.
       def enqueue(env, url, options)
@@ -38,9 +24,10 @@ module ThreadedProxy
 
         checked = Options.new(url, { method: options.fetch(:method, :post), headers: options.fetch(:headers, {}),
                                      body: options.fetch(:body, :rack) })
-        spec = { method: checked.method, url: checked.url, headers: headers(env, checked) }.merge(body(env, checked.body))
+        spec = ExchangeSpec.new(method: checked.method, url: checked.url, headers: headers(env, checked),
+                                **RequestBody.fields(env, checked.body))
         start
-        [Native.async_enqueue(spec), status]
+        [Native.async_enqueue(spec.to_native), status]
       end
 
       # Starts delivering in this process (idempotent; again after fork).
@@ -104,11 +91,6 @@ module ThreadedProxy
         pairs.reject { |name, _| names.include?(name.downcase) } + own
       end
 
-      # A file goes as its fd: Rust copies it into the queue without the GVL.
-      def body(env, body)
-        RequestBody.spec(env, body)
-      end
-
       def wait_idle(deadline)
         ThreadedProxy.wait_interruptibly(deadline) { |left| Native.async_wait_idle(left) }
       end
@@ -141,47 +123,6 @@ module ThreadedProxy
           [low, high]
         end
       end
-    end
-
-    # ThreadedProxy.shutdown (at exit) also stops deferred delivery: no new
-    # claims, running attempts finish within the same shutdown_timeout, the
-    # rest go back to the queue for the next process.
-    module Shutdown
-      def shutdown(timeout = configuration.shutdown_timeout)
-        deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout.to_f
-        Native.async_stop_claiming
-        drained = super
-        Async.shutdown(deadline) && drained
-      end
-    end
-  end
-
-  class << self
-    prepend Async::Shutdown
-
-    # Starts deferred delivery in this process now (else on first use).
-    def async_start
-      Async.start
-    end
-
-    # Machine-wide counts: { queued:, in_flight:, delivered:, retrying:, dead: }
-    # (plus running_here: attempts running in this process).
-    def async_stats
-      Async.start
-      Native.async_stats
-    end
-
-    # Requests that will not be tried again: [{ id:, method:, url:, attempts:, last_error: }].
-    def async_dead(limit: 1000)
-      Async.start
-      Native.async_dead(Integer(limit))
-    end
-
-    # Puts a dead request (by id) or all of them (:all) back in the queue
-    # with a fresh attempt count; the number requeued.
-    def async_requeue(id_or_all)
-      Async.start
-      Native.async_requeue(id_or_all == :all ? nil : Integer(id_or_all))
     end
   end
 end

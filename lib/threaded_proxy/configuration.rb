@@ -4,10 +4,6 @@ module ThreadedProxy
   # Process-wide settings. Timeouts are defaults for each proxy_fetch call;
   # limits and thread counts apply to the whole process.
   class Configuration
-    # A copied exchange holds two descriptors (client, origin); a spliced
-    # one five, which the budget accounts for per exchange.
-    FDS_PER_EXCHANGE = 2
-
     # fd_budget: the file descriptors running exchanges may hold together
     # (a spliced body counts five, a copied one two); past it new exchanges
     # answer 503 and bodies are copied instead of spliced.
@@ -50,37 +46,40 @@ module ThreadedProxy
     # reach the subscribers of the publishing process only.
     attr_accessor :events_url
 
+    # The defaults Rust owns (runtime.rs Settings, delivery's
+    # DeliverySettings): limits, pool, callback timeout, deferred delivery.
+    # fd_budget is the soft descriptor limit less room for the app server
+    # and the app, max_connections as many copied exchanges as it holds.
     def initialize
-      # The soft descriptor limit less room for the app server and the app
-      # (listeners, logs, sockets accepted but not handed over yet, idle
-      # pooled origin connections): the rule is Rust's (limits.rs).
-      @fd_budget = Native.default_fd_budget
-      @max_connections = [@fd_budget / FDS_PER_EXCHANGE, 16].max
-      @max_connections_per_origin = @max_connections
+      native = Native.default_settings
+      @fd_budget = native.fetch(:fd_budget)
+      @max_connections = native.fetch(:max_connections)
+      @max_connections_per_origin = native.fetch(:max_connections_per_origin)
+      @runtime_threads = native.fetch(:runtime_threads) # 0: one per core, at most 4
+      @callback_timeout = native.fetch(:callback_timeout)
+      @pool_idle_timeout = native.fetch(:pool_idle_timeout)
+      @pool_max_idle_per_host = native.fetch(:pool_max_idle_per_host)
+      @async_queue_path = native.fetch(:async_queue_path)
+      @async_concurrency = native.fetch(:async_concurrency)
+      @async_rate = native.fetch(:async_rate).zero? ? nil : native.fetch(:async_rate)
+      @async_timeout = native.fetch(:async_timeout)
+      @async_max_attempts = native.fetch(:async_max_attempts)
+      @async_backoff = native.fetch(:async_backoff)
+      @async_backoff_max = native.fetch(:async_backoff_max)
+      @async_success = status_setting(native.fetch(:async_success))
+      @async_retry_on = status_setting(native.fetch(:async_retry_on))
+      # Ruby's own: per-call defaults and what only Ruby uses.
       @connect_timeout = 5.0
       @header_timeout = 60.0
       @idle_timeout = 60.0
       @callback_threads = 2
-      @runtime_threads = 0 # one per core, at most 4
-      @callback_timeout = 30.0
       @shutdown_timeout = 25.0
       @max_buffered_body = 10 * 1024 * 1024
       @allowed_hosts = nil
-      @pool_idle_timeout = 60.0
-      @pool_max_idle_per_host = 64
       @logger = nil
       @metrics_hosts = []
       @zero_copy = nil
-      @async_queue_path = "tmp/threaded_proxy_queue.sqlite3"
       @async_queue_url = nil
-      @async_concurrency = 8
-      @async_rate = nil
-      @async_timeout = 30.0
-      @async_max_attempts = 10
-      @async_backoff = 1.0
-      @async_backoff_max = 300.0
-      @async_success = 200..299
-      @async_retry_on = [429, 500..599]
       @event_replay = 100
       @event_queue_bytes = 1024 * 1024
       @events_url = nil
@@ -107,6 +106,13 @@ module ThreadedProxy
     end
 
     private
+
+    # [[low, high], …] from Rust as the forms users write: a lone Range
+    # (200..299), or an Array of statuses and Ranges ([429, 500..599]).
+    def status_setting(pairs)
+      entries = pairs.map { |low, high| low == high ? low : low..high }
+      entries.size == 1 && entries.first.is_a?(Range) ? entries.first : entries
+    end
 
     def validate!
       { max_connections:, max_connections_per_origin:, fd_budget:, callback_threads:, event_queue_bytes: }.each do |name, value|

@@ -4,7 +4,7 @@ module ThreadedProxy
   # include ThreadedProxy::Controller in a Rails controller for proxy_fetch
   # and reverse_proxy.
   module Controller
-    include Async::Controller # proxy_async (lib/threaded_proxy/async.rb)
+    include Async::Controller # proxy_async (lib/threaded_proxy/async/controller.rb)
     # Proxies this request to `url` and frees the Puma thread at once:
     #
     #   proxy_fetch "http://files.internal/blobs/1", headers: { "Authorization" => token } do |config|

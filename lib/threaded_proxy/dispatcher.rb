@@ -22,12 +22,12 @@ module ThreadedProxy
   # its thread, but a watcher gives its slot to a new thread, so a hung
   # callback cannot starve the others either.
   class Dispatcher
-    Record = Struct.new(:config, :method, :url, :response, :failure, :failure_message, keyword_init: true)
+    Record = Struct.new(:callbacks, :method, :url, :response, :failure, :failure_message, keyword_init: true)
 
-    # The callback each job kind runs, for log lines and error messages.
-    CALLBACKS = {
-      "headers" => "on_headers", "response" => "on_response", "error" => "on_error", "finished" => "on_complete"
-    }.freeze
+    # Job kind (:headers, :response, :error, :finished) => the callback it
+    # runs ("on_headers", …): listed once, by Rust (callbacks::KINDS). Each
+    # job is handled by the private method of that callback's name.
+    CALLBACKS = Native::Job::CALLBACKS
 
     # Lines of a callback's backtrace written to the log (a SystemStackError
     # has thousands).
@@ -232,13 +232,8 @@ module ThreadedProxy
 
     def handle(job)
       id = job.exchange_id
-      record = @mutex.synchronize { job.kind == "finished" ? @records.delete(id) : @records[id] }
-      case job.kind
-      when "headers" then on_headers(job, record)
-      when "response" then on_response(job, record)
-      when "error" then on_error(job, record)
-      when "finished" then finished(job, record)
-      end
+      record = @mutex.synchronize { job.kind == :finished ? @records.delete(id) : @records[id] }
+      send(CALLBACKS.fetch(job.kind), job, record)
     rescue Exception => e # rubocop:disable Lint/RescueException -- see the class comment
       failed(job, record, e)
     end
@@ -277,15 +272,15 @@ module ThreadedProxy
 
     def on_headers(job, record)
       response = Response.new(job.status, job.reason, job.headers)
-      record.config[:on_headers].call(response)
+      record.callbacks[:on_headers].call(response)
       record.response = response
-      job.continue(response.status, response.reason_if_changed, response.header_pairs)
+      job.amend(response.status, response.reason_if_changed, response.header_pairs)
     end
 
     def on_response(job, record)
       response = Response.new(job.status, job.reason, job.headers, job: job)
       responder = Responder.new(job)
-      record.config[:on_response].call(response, responder)
+      record.callbacks[:on_response].call(response, responder)
       record.response = response
       return if responder.closed?
       if response.body_consumed?
@@ -294,7 +289,7 @@ module ThreadedProxy
         )
       end
 
-      job.continue(response.status, response.reason_if_changed, response.header_pairs)
+      job.amend(response.status, response.reason_if_changed, response.header_pairs)
     end
 
     # An error caused by an earlier callback of this exchange reaches
@@ -307,16 +302,16 @@ module ThreadedProxy
         error = record.failure
         record.failure = nil
       end
-      record.config[:on_error].call(error, responder)
-      job.continue(0, nil, []) unless responder.closed?
+      record.callbacks[:on_error].call(error, responder)
+      job.pass unless responder.closed? # the default answer (502, 504, …)
     end
 
-    # on_complete, then the log line and the event, even when on_complete
-    # raised.
-    def finished(job, record)
+    # The exchange finished: on_complete, then the log line and the event,
+    # even when on_complete raised.
+    def on_complete(job, record)
       summary = job.summary
       error = summary[:error]
-      if record && error.nil? && (callback = record.config[:on_complete])
+      if record && error.nil? && (callback = record.callbacks[:on_complete])
         head = job.headers
         response = head ? Response.new(job.status, job.reason, head) : (record.response || Response.new(summary[:status], nil, []))
         callback.call(response)
@@ -351,7 +346,7 @@ module ThreadedProxy
     def where(record, job = nil)
       return "#{record.method.to_s.upcase} #{record.url}" if record
 
-      summary = job&.kind == "finished" ? job.summary : nil
+      summary = job&.kind == :finished ? job.summary : nil
       summary ? "#{summary[:method]} #{summary[:url]}" : "unknown exchange"
     end
 

@@ -33,8 +33,8 @@ module ThreadedProxy
       @env = env
       @tunnel = tunnel
       @options = tunnel ? TunnelOptions.new(url, options) : Options.new(url, options)
-      @config = Config.new
-      block&.call(@config)
+      @callbacks = Callbacks.new
+      block&.call(@callbacks)
     end
 
     # Starts the exchange; returns the Rack response for the app to return.
@@ -47,7 +47,7 @@ module ThreadedProxy
 
       # Without the socket there is nothing to switch protocols on: the
       # origin gets a plain request.
-      start_in_request_thread(spec.except(:upgrade))
+      start_in_request_thread(spec.with(upgrade: nil))
     end
 
     private
@@ -65,7 +65,7 @@ module ThreadedProxy
 
     def start_on_socket(io, spec)
       begin
-        Native.start_exchange(io.fileno, spec.merge(id: register))
+        Native.start_exchange(io.fileno, spec.with(id: register(spec)).to_native)
       rescue OverloadError
         io.write(OVERLOADED) rescue nil # rubocop:disable Style/RescueModifier
       rescue StandardError
@@ -87,13 +87,13 @@ module ThreadedProxy
       end
       begin
         begin
-          Native.start_exchange(theirs.fileno, spec.merge(id: register, client_http10: false))
+          Native.start_exchange(theirs.fileno, spec.with(id: register(spec), client_http10: false).to_native)
         rescue OverloadError
           return overloaded(spec)
         ensure
           theirs.close # Rust has its own duplicate; the reader needs the EOF
         end
-        response = ResponseReader.new(ours, head_only: spec[:client_head]).rack_response
+        response = ResponseReader.new(ours, head_only: spec.client_head).rack_response
         handed = true
         response
       ensure
@@ -104,35 +104,21 @@ module ThreadedProxy
       end
     end
 
-    # The body of a refused exchange in the request thread; closable like
-    # the streaming body a started one returns.
-    class RefusedBody
-      def initialize(chunks)
-        @chunks = chunks
-      end
-
-      def each(&block)
-        @chunks.each(&block)
-      end
-
-      def close; end
-    end
-
     # The Rack form of OVERLOADED (an exchange refused before it started).
     def overloaded(spec)
-      [503, OVERLOAD_HEADERS.dup, RefusedBody.new(spec[:client_head] ? [] : [OVERLOAD_BODY])]
+      [503, OVERLOAD_HEADERS.dup, RefusedBody.new(spec.client_head ? [] : [OVERLOAD_BODY])]
     end
 
     # An id under which the dispatcher keeps this exchange's callbacks; 0
     # when Ruby needs to hear of it only if it fails (to log it).
-    def register
+    def register(spec)
       dispatcher = Dispatcher.instance
       unless reported?
         dispatcher.start # failures still come back, to be logged
         return 0
       end
 
-      dispatcher.register(Dispatcher::Record.new(config: @config, method: @options.method, url: @options.url))
+      dispatcher.register(Dispatcher::Record.new(callbacks: @callbacks, method: spec.method, url: spec.url))
     end
 
     # Whether Ruby must hear of the end of a successful exchange: for its
@@ -140,7 +126,7 @@ module ThreadedProxy
     def reported?
       return @reported if defined?(@reported)
 
-      @reported = @config.any? || Dispatcher.instrumented?
+      @reported = @callbacks.any? || Dispatcher.instrumented?
     end
 
     # The client IO, or nil when this server cannot hand it over safely.
@@ -156,25 +142,52 @@ module ThreadedProxy
       io
     end
 
+    # The exchange as Rust is told it (ExchangeSpec, the one builder).
     def native_spec
-      body = request_body
-      {
-        method: @options.method,
-        url: @options.url,
-        headers: request_headers(body),
+      client = {
         client_head: @env["REQUEST_METHOD"] == "HEAD",
         client_http10: request_line_version == "HTTP/1.0",
-        on_headers: !@config[:on_headers].nil?,
-        on_response: !@config[:on_response].nil?,
-        on_error: !@config[:on_error].nil?,
-        finished: reported?,
+        on_headers: !@callbacks[:on_headers].nil?,
+        on_response: !@callbacks[:on_response].nil?,
+        on_error: !@callbacks[:on_error].nil?,
+        finished: reported?
+      }
+      @tunnel ? tunnel_spec(client) : fetch_spec(client)
+    end
+
+    def fetch_spec(client)
+      ExchangeSpec.new(
+        method: @options.method,
+        url: @options.url,
+        headers: request_headers,
         connect_timeout: @options.connect_timeout,
         header_timeout: @options.header_timeout,
         idle_timeout: @options.idle_timeout,
         verify_tls: @options.verify_tls,
         ca_file: @options.ca_file,
-        max_buffered_body: @options.max_buffered_body
-      }.merge(body).merge(upgrade_spec)
+        max_buffered_body: @options.max_buffered_body,
+        upgrade: requested_upgrade,
+        **client,
+        **RequestBody.fields(@env, @options.body)
+      )
+    end
+
+    # A tunnel sends no request of its own to the target: no headers, no
+    # body, and it waits for nothing but the connect (header_timeout too).
+    def tunnel_spec(client)
+      protocol = requested_upgrade
+      connect = @env["REQUEST_METHOD"] == "CONNECT"
+      raise ArgumentError, "proxy_tunnel needs a request with Upgrade (or CONNECT)" unless protocol || connect
+
+      ExchangeSpec.new(
+        url: @options.url,
+        connect_timeout: @options.connect_timeout,
+        header_timeout: @options.connect_timeout,
+        idle_timeout: @options.idle_timeout,
+        tunnel_address: @options.address,
+        tunnel_upgrade: connect ? nil : protocol,
+        **client
+      )
     end
 
     # The HTTP version of the request line, from a source the client cannot
@@ -198,22 +211,8 @@ module ThreadedProxy
       protocol
     end
 
-    def upgrade_spec
-      if @tunnel
-        protocol = requested_upgrade
-        connect = @env["REQUEST_METHOD"] == "CONNECT"
-        raise ArgumentError, "proxy_tunnel needs a request with Upgrade (or CONNECT)" unless protocol || connect
-
-        { tunnel_address: @options.address, tunnel_upgrade: connect ? nil : protocol }
-      elsif (protocol = requested_upgrade)
-        { upgrade: protocol }
-      else
-        {}
-      end
-    end
-
     # Forwarded client headers first, then the caller's, which win.
-    def request_headers(body)
+    def request_headers
       headers = forwarded_headers
       if @options.body == :rack && @env["CONTENT_TYPE"] && !@env["CONTENT_TYPE"].empty?
         headers << ["Content-Type", @env["CONTENT_TYPE"]]
@@ -271,10 +270,6 @@ module ThreadedProxy
 
         [key.delete_prefix("HTTP_").split("_").map(&:capitalize).join("-"), value]
       end
-    end
-
-    def request_body
-      RequestBody.spec(@env, @options.body)
     end
   end
 end

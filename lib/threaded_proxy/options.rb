@@ -10,9 +10,9 @@ module ThreadedProxy
     KNOWN = %i[method headers body forward_headers connect_timeout header_timeout idle_timeout
                verify_tls ignore_ssl_errors ca_file max_buffered_body].freeze
     METHODS = %w[GET HEAD POST PUT PATCH DELETE OPTIONS TRACE].freeze
-    # Request headers that describe the client's connection, never copied.
-    HOP_BY_HOP = %w[connection keep-alive proxy-connection te transfer-encoding upgrade trailer
-                    proxy-authenticate proxy-authorization].freeze
+    # Request headers that describe the client's connection, never copied:
+    # Rust's list (headers.rs), which drops the same ones from responses.
+    HOP_BY_HOP = Native.hop_by_hop_headers.map(&:freeze).freeze
     FORBIDDEN_BYTES = /[\r\n\0]/.freeze
     TOKEN = /\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\z/.freeze
 

@@ -20,16 +20,6 @@ module ThreadedProxy
       @idle_timeout = seconds(options, :idle_timeout, configuration.idle_timeout)
     end
 
-    # What the exchange spec needs besides the tunnel itself.
-    def method = "GET"
-    def headers = []
-    def body = nil
-    def forward_headers = false
-    def header_timeout = connect_timeout
-    def verify_tls = true
-    def ca_file = nil
-    def max_buffered_body = 1
-
     private
 
     # Judged by the Rust parser, like proxy_fetch's URL: "tcp://host:port"

@@ -144,4 +144,18 @@ RSpec.describe ThreadedProxy::Options do
       expect { options("http://evil.api.internal.attacker.test/") }.to raise_error(ArgumentError)
     end
   end
+
+  # The hop-by-hop list is Rust's (headers.rs), read once (issue 16 item 4).
+  describe "HOP_BY_HOP" do
+    it "is the list Rust drops from responses, and forwarding and proxy_async leave those out" do
+      expect(described_class::HOP_BY_HOP).to eq(ThreadedProxy::Native.hop_by_hop_headers)
+      expect(described_class::HOP_BY_HOP).to eq(%w[connection keep-alive proxy-connection te transfer-encoding
+                                                    upgrade trailer proxy-authenticate proxy-authorization])
+      expect(described_class::HOP_BY_HOP).to be_frozen.and(all(be_frozen))
+      expect(ThreadedProxy::Exchange.forwardable_name("HTTP_KEEP_ALIVE")).to be_nil
+      expect(ThreadedProxy::Exchange.forwardable_name("HTTP_PROXY_AUTHORIZATION")).to be_nil
+      expect(ThreadedProxy::Exchange.forwardable_name("HTTP_X_REQUEST_ID")).to eq(%w[X-Request-Id x-request-id])
+      expect(ThreadedProxy::Async::NOT_STORED).to include(*described_class::HOP_BY_HOP)
+    end
+  end
 end

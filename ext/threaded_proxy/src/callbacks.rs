@@ -20,12 +20,17 @@ use crate::headers::HeaderList;
 /// A queue a Ruby thread can wait on with the GVL released and still be
 /// interrupted (Thread#raise, process exit) through its own flag.
 pub struct BlockingQueue<T> {
+    /// The items and the closed flag, under one lock so a waiter cannot
+    /// miss a push or a close between its check and its wait.
     state: Mutex<QueueState<T>>,
+    /// Signalled on push (one waiter), close and interrupt (all waiters).
     ready: Condvar,
 }
 
 struct QueueState<T> {
+    /// Waiting items, oldest first (jobs run in the order exchanges asked).
     items: VecDeque<T>,
+    /// Set by `close`: pushes are refused and waiters return None.
     closed: bool,
 }
 
@@ -110,7 +115,9 @@ impl<T> BlockingQueue<T> {
 #[derive(Debug, Clone)]
 pub struct ResponseHead {
     pub status: u16,
+    /// The origin's reason phrase; None writes the standard one.
     pub reason: Option<String>,
+    /// End-to-end headers only, as ordered pairs (repeats kept).
     pub headers: HeaderList,
 }
 
@@ -144,24 +151,34 @@ pub enum CallbackEvent {
     Finished(Summary),
 }
 
+/// Each event's kind (the Symbol `Job#kind` gives Ruby) and the user's
+/// callback it runs, in [`CallbackEvent`] order: the one list of them,
+/// which Ruby reads as `Native::Job::CALLBACKS`.
+pub const KINDS: [(&str, &str); 4] = [
+    ("headers", "on_headers"),
+    ("response", "on_response"),
+    ("error", "on_error"),
+    ("finished", "on_complete"),
+];
+
 impl CallbackEvent {
-    pub fn name(&self) -> &'static str {
+    fn index(&self) -> usize {
         match self {
-            CallbackEvent::Headers(_) => "headers",
-            CallbackEvent::Response(_) => "response",
-            CallbackEvent::Error(_) => "error",
-            CallbackEvent::Finished(_) => "finished",
+            CallbackEvent::Headers(_) => 0,
+            CallbackEvent::Response(_) => 1,
+            CallbackEvent::Error(_) => 2,
+            CallbackEvent::Finished(_) => 3,
         }
+    }
+
+    /// The kind, as `Job#kind` names it.
+    pub fn name(&self) -> &'static str {
+        KINDS[self.index()].0
     }
 
     /// The user's callback this event runs, to name it in error messages.
     pub fn callback(&self) -> &'static str {
-        match self {
-            CallbackEvent::Headers(_) => "on_headers",
-            CallbackEvent::Response(_) => "on_response",
-            CallbackEvent::Error(_) => "on_error",
-            CallbackEvent::Finished(_) => "on_complete",
-        }
+        KINDS[self.index()].1
     }
 }
 
@@ -178,7 +195,12 @@ pub struct Rendered {
     pub body: RenderedBody,
 }
 
+/// A callback's answer. Ruby's `Job` sends it through named replies:
+/// `pass` ([`CallbackReply::pass`]), `amend` (Continue with a changed
+/// head), `render` / `render_file` (Render) and `fail` (Failed).
 pub enum CallbackReply {
+    /// Go on with this head (on_headers, on_response); for an error event
+    /// the head is ignored and the default error answer goes out.
     Continue(ResponseHead),
     Render(Rendered),
     /// The callback raised: answer 500 (when nothing was sent yet).
@@ -187,13 +209,28 @@ pub enum CallbackReply {
     },
 }
 
+impl CallbackReply {
+    /// "Leave the answer as it is": the event's own head unchanged, or for
+    /// an error event (which has no head) the default error answer.
+    pub fn pass(head: Option<ResponseHead>) -> CallbackReply {
+        CallbackReply::Continue(head.unwrap_or(ResponseHead {
+            status: 0,
+            reason: None,
+            headers: Vec::new(),
+        }))
+    }
+}
+
 /// Where Ruby's `response.body` gets the buffered origin body from.
 pub type BodyResult = Result<Bytes, ErrorReport>;
 pub type BodyRequest = Arc<BlockingQueue<BodyResult>>;
 
 pub struct CallbackJob {
+    /// The dispatcher's id for the exchange: where Ruby keeps its procs.
     pub exchange_id: u64,
     pub event: CallbackEvent,
+    /// Where the answer goes; None for events that want none (Finished).
+    /// Closed when the exchange stopped waiting (the job is stale).
     pub reply: Option<oneshot::Sender<CallbackReply>>,
     /// Present on `Response` jobs: send a slot, the exchange fills it with
     /// the whole body (up to `max_buffered_body`).
@@ -219,6 +256,9 @@ impl CallbackJob {
 
 /// The per-process dispatcher queue plus the wait limit for replies.
 pub struct CallbackBridge {
+    /// Jobs from every exchange of the process, in order, for whichever
+    /// Ruby callback thread waits first (`Native.next_job`); closed at
+    /// shutdown so those threads stop waiting.
     pub queue: BlockingQueue<CallbackJob>,
     /// A callback that has not answered by then is treated as failed, so a
     /// dead or stuck dispatcher cannot hang an exchange.
@@ -300,151 +340,4 @@ impl CallbackBridge {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::thread;
-
-    #[test]
-    fn pop_wait_returns_items_in_order() {
-        let q = BlockingQueue::default();
-        q.push(1).unwrap();
-        q.push(2).unwrap();
-        let flag = AtomicBool::new(false);
-        assert_eq!(q.pop_wait(&flag, None), Some(1));
-        assert_eq!(q.pop_wait(&flag, None), Some(2));
-    }
-
-    #[test]
-    fn interrupt_wakes_a_blocked_waiter() {
-        let q = Arc::new(BlockingQueue::<u8>::default());
-        let flag = Arc::new(AtomicBool::new(false));
-        let (q2, f2) = (q.clone(), flag.clone());
-        let waiter = thread::spawn(move || q2.pop_wait(&f2, None));
-        // The waiter may or may not be parked yet; interrupt works either way.
-        q.interrupt(&flag);
-        assert_eq!(waiter.join().unwrap(), None);
-    }
-
-    #[test]
-    fn close_refuses_pushes_and_wakes_waiters() {
-        let q = Arc::new(BlockingQueue::<u8>::default());
-        let q2 = q.clone();
-        let waiter = thread::spawn(move || q2.pop_wait(&AtomicBool::new(false), None));
-        q.close();
-        assert_eq!(waiter.join().unwrap(), None);
-        assert_eq!(q.push(7), Err(7));
-    }
-
-    #[test]
-    fn deadline_bounds_the_wait() {
-        let q = BlockingQueue::<u8>::default();
-        let deadline = Instant::now() + Duration::from_millis(20);
-        assert_eq!(q.pop_wait(&AtomicBool::new(false), Some(deadline)), None);
-        assert!(Instant::now() >= deadline);
-    }
-
-    #[tokio::test]
-    async fn a_reply_from_another_thread_reaches_the_task() {
-        let bridge = Arc::new(CallbackBridge::new(Duration::from_secs(5)));
-        let worker_bridge = bridge.clone();
-        let worker = thread::spawn(move || {
-            let mut job = worker_bridge
-                .queue
-                .pop_wait(&AtomicBool::new(false), None)
-                .unwrap();
-            let CallbackEvent::Headers(mut head) = std::mem::replace(
-                &mut job.event,
-                CallbackEvent::Error(ErrorReport::from(&ProxyError::Internal {
-                    message: String::new(),
-                })),
-            ) else {
-                panic!("expected a headers job")
-            };
-            head.headers.push(("x-added".into(), Bytes::from_static(b"1")));
-            job.reply(CallbackReply::Continue(head));
-        });
-        let head = ResponseHead {
-            status: 200,
-            reason: None,
-            headers: vec![],
-        };
-        let reply = bridge
-            .call(7, CallbackEvent::Headers(head), "http://x")
-            .await
-            .unwrap();
-        worker.join().unwrap();
-        match reply {
-            CallbackReply::Continue(head) => assert_eq!(head.headers.len(), 1),
-            _ => panic!("expected Continue"),
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_silent_dispatcher_times_out_instead_of_hanging() {
-        let bridge = CallbackBridge::new(Duration::from_secs(30));
-        let head = ResponseHead {
-            status: 200,
-            reason: None,
-            headers: vec![],
-        };
-        let err = bridge
-            .call(1, CallbackEvent::Headers(head), "http://x")
-            .await
-            .err()
-            .unwrap();
-        assert!(err.to_string().contains("did not answer"), "{err}");
-    }
-
-    #[test]
-    fn a_job_whose_exchange_stopped_waiting_is_stale() {
-        let bridge = CallbackBridge::new(Duration::from_secs(30));
-        let head = ResponseHead {
-            status: 200,
-            reason: None,
-            headers: vec![],
-        };
-        let rx = bridge
-            .request(1, CallbackEvent::Headers(head.clone()), None, "http://x")
-            .unwrap();
-        let _kept = bridge
-            .request(2, CallbackEvent::Headers(head), None, "http://x")
-            .unwrap();
-        bridge.notify(
-            3,
-            CallbackEvent::Error(ErrorReport::from(&ProxyError::Internal {
-                message: String::new(),
-            })),
-        );
-        drop(rx);
-        let flag = AtomicBool::new(false);
-        let stale = bridge.queue.pop_wait(&flag, None).unwrap();
-        let live = bridge.queue.pop_wait(&flag, None).unwrap();
-        let notice = bridge.queue.pop_wait(&flag, None).unwrap();
-        assert!(stale.is_stale());
-        assert!(!live.is_stale());
-        assert!(!notice.is_stale(), "a job without a reply is never stale");
-    }
-
-    #[tokio::test]
-    async fn a_dropped_job_is_a_failure_not_a_hang() {
-        let bridge = CallbackBridge::new(Duration::from_secs(30));
-        let head = ResponseHead {
-            status: 200,
-            reason: None,
-            headers: vec![],
-        };
-        let rx = bridge
-            .request(1, CallbackEvent::Headers(head), None, "http://x")
-            .unwrap();
-        drop(bridge.queue.pop_wait(&AtomicBool::new(false), None));
-        let err = bridge
-            .await_reply(rx, "http://x", "on_headers")
-            .await
-            .err()
-            .unwrap();
-        assert!(
-            err.to_string().contains("on_headers finished without answering"),
-            "{err}"
-        );
-    }
-}
+mod tests;

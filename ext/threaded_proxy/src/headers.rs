@@ -21,6 +21,12 @@ const HOP_BY_HOP: [&str; 9] = [
     "proxy-authorization",
 ];
 
+/// The list itself (lowercase), for Ruby, which leaves the same headers
+/// out of the client request headers it forwards (`Native.hop_by_hop_headers`).
+pub fn hop_by_hop() -> &'static [&'static str] {
+    &HOP_BY_HOP
+}
+
 pub fn is_hop_by_hop(name: &str) -> bool {
     HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
 }

@@ -177,6 +177,12 @@ pub fn default_fd_budget(soft: usize) -> usize {
     soft.saturating_sub(reserved_fds(soft)).max(32)
 }
 
+/// The default `max_connections` for a descriptor budget: as many copied
+/// exchanges as the budget holds (at least 16).
+pub fn default_max_connections(fd_budget: usize) -> usize {
+    (fd_budget / EXCHANGE_FDS).max(16)
+}
+
 /// Descriptors kept out of the budget for the app server and the app: its
 /// listeners, logs and libraries, the sockets it accepted but has not
 /// handed over yet (one per thread and per connection waiting in its
@@ -260,6 +266,8 @@ mod tests {
         assert_eq!(default_fd_budget(1024), 1024 - 256 - 128);
         assert_eq!(default_fd_budget(20_000), 20_000 - 256 - 2_500);
         assert_eq!(default_fd_budget(100), 32);
+        assert_eq!(default_max_connections(default_fd_budget(1024)), 320);
+        assert_eq!(default_max_connections(default_fd_budget(100)), 16);
         assert!(out_of_fds(Some(libc::EMFILE)) && !out_of_fds(Some(libc::ECONNREFUSED)));
     }
 }

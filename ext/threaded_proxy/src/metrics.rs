@@ -33,7 +33,9 @@ pub const BUCKETS: [f64; 14] = [
 /// The host label of every origin not in `metrics_hosts`.
 pub const OTHER: &str = "other";
 
+/// The one label a latency series has: `[("host", label)]`.
 type HostLabel = Vec<(String, String)>;
+/// One histogram per host label, made on first use.
 type Histograms = Family<HostLabel, Histogram, fn() -> Histogram>;
 
 fn histogram() -> Histogram {
@@ -43,14 +45,23 @@ fn histogram() -> Histogram {
 /// A value handed over from Ruby: stats are integers, a few may be floats.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Value {
+    /// A counter or gauge from `ThreadedProxy.stats` (almost all of them).
     Int(i64),
+    /// A gauge Ruby computes as a Float (a rate, a ratio).
     Float(f64),
 }
 
 /// The per-process histograms and the list of hosts that get a label.
 pub struct Metrics {
+    /// Lowercased `metrics_hosts`: the origins whose latencies get their
+    /// own `host` label; a lock because `configure` may change them while
+    /// exchanges record (readers far outnumber writers).
     hosts: RwLock<Vec<String>>,
+    /// Seconds from sending the request to the origin's response head, by
+    /// host label: how slow the origins are.
     time_to_first_byte: Histograms,
+    /// Seconds from the exchange's start to its last byte to the client,
+    /// by host label: what clients wait, body included.
     total_time: Histograms,
 }
 

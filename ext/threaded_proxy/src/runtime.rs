@@ -50,14 +50,18 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
+        // The defaults of Ruby's Configuration too (it reads them through
+        // `Native.default_settings`): one place for both.
+        let fd_budget = crate::limits::default_fd_budget(crate::limits::soft_fd_limit());
+        let max_connections = crate::limits::default_max_connections(fd_budget);
         Settings {
             runtime_threads: 0,
             callback_timeout: Duration::from_secs(30),
             pool_idle_timeout: Duration::from_secs(60),
             pool_max_idle_per_host: 64,
-            max_connections: 8192,
-            max_connections_per_origin: 8192,
-            fd_budget: crate::limits::default_fd_budget(crate::limits::soft_fd_limit()),
+            max_connections,
+            max_connections_per_origin: max_connections,
+            fd_budget,
             metrics_hosts: Vec::new(),
             zero_copy: zero_copy_default(),
         }

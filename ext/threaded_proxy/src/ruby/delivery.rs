@@ -6,20 +6,14 @@ use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use magnus::value::ReprValue;
-use magnus::{Error, RArray, RHash, Ruby, Symbol, TryConvert, Value};
+use magnus::{Error, RArray, RHash, Ruby, TryConvert};
 
-use super::errors;
-use super::job::parse_headers;
+use super::args::{opt, seconds_or};
+use super::exchange_spec;
 use super::nogvl::{self, guard, nogvl};
-use crate::delivery::store::{now_ms, BodyInput, NewDelivery, StoreError, StoreResult};
+use crate::delivery::store::{now_ms, NewDelivery, StoreError, StoreResult};
 use crate::delivery::{self, Delivery, DeliverySettings, QueueLocation};
-use crate::handoff;
-use crate::origin_url::{self, Kind};
-
-fn opt<T: TryConvert>(ruby: &Ruby, hash: RHash, name: &str) -> Result<Option<T>, Error> {
-    hash.lookup::<Symbol, Option<T>>(ruby.to_symbol(name))
-}
+use crate::origin_url::Kind;
 
 fn store_error(ruby: &Ruby, err: impl std::fmt::Display) -> Error {
     Error::new(
@@ -47,13 +41,7 @@ fn without_gvl<T: Send>(ruby: &Ruby, work: impl FnOnce() -> StoreResult<T> + Sen
 
 fn settings(ruby: &Ruby, options: RHash) -> Result<DeliverySettings, Error> {
     let defaults = DeliverySettings::default();
-    let duration = |name: &str, default: Duration| -> Result<Duration, Error> {
-        match opt::<f64>(ruby, options, name)? {
-            Some(secs) => Duration::try_from_secs_f64(secs)
-                .map_err(|_| errors::argument_error(ruby, format!("{name} must be a positive number"))),
-            None => Ok(default),
-        }
-    };
+    let duration = |name: &str, default: Duration| seconds_or(ruby, options, name, default);
     let ranges =
         |name: &str, default: &Vec<RangeInclusive<u16>>| -> Result<Vec<RangeInclusive<u16>>, Error> {
             match opt::<RArray>(ruby, options, name)? {
@@ -118,41 +106,18 @@ fn async_running() -> bool {
 fn async_enqueue(ruby: &Ruby, spec: RHash) -> Result<i64, Error> {
     guard(|| {
         let delivery = running(ruby)?;
-        let method: String = spec.fetch(ruby.to_symbol("method"))?;
-        let url: String = spec.fetch(ruby.to_symbol("url"))?;
-        // The same judgement and canonical form as proxy_fetch's URL.
-        let url = origin_url::check(&url, Kind::Http)
-            .map_err(|message| errors::argument_error(ruby, message))?
-            .url();
-        let headers = parse_headers(ruby, spec.fetch(ruby.to_symbol("headers"))?)?
-            .into_iter()
-            .map(|(name, value)| (name, value.to_vec()))
-            .collect();
-        let body = match opt::<i32>(ruby, spec, "body_fd")? {
-            Some(fd) => {
-                let owned = handoff::duplicate(fd).map_err(|e| {
-                    Error::new(
-                        ruby.exception_io_error(),
-                        format!("cannot duplicate body fd: {e}"),
-                    )
-                })?;
-                BodyInput::File {
-                    file: std::fs::File::from(owned),
-                    offset: opt::<u64>(ruby, spec, "body_offset")?.unwrap_or(0),
-                }
-            }
-            None => match opt::<Value>(ruby, spec, "body")? {
-                Some(value) if !value.is_nil() => {
-                    BodyInput::Bytes(bytes::Bytes::try_convert(value)?.to_vec())
-                }
-                _ => BodyInput::Empty,
-            },
-        };
+        // The same reader (and URL judgement) as proxy_fetch's spec.
+        let request = exchange_spec::request(ruby, spec, Kind::Http)?;
+        let body = exchange_spec::request_body(ruby, spec)?.map_err(|e| e.io_error(ruby))?;
         let new = NewDelivery {
-            method,
-            url,
-            headers,
-            body,
+            method: request.method.to_string(),
+            url: request.target.url(),
+            headers: request
+                .headers
+                .into_iter()
+                .map(|(name, value)| (name, value.to_vec()))
+                .collect(),
+            body: body.into(),
         };
         let store = delivery.store.clone();
         let id = without_gvl(ruby, move || store.enqueue(new))?;

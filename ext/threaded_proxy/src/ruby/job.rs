@@ -7,29 +7,36 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use magnus::value::ReprValue;
-use magnus::{Error, RArray, Ruby, TryConvert, Value};
+use magnus::{Error, RArray, Ruby, Symbol, TryConvert, Value};
 use tokio::sync::{mpsc, oneshot};
 
+use super::args;
 use super::errors;
 use super::nogvl::{guard, nogvl};
 use crate::callbacks::{
     BlockingQueue, BodyRequest, CallbackEvent, CallbackJob, CallbackReply, Rendered, RenderedBody,
-    ResponseHead, Summary,
+    ResponseHead, Summary, KINDS,
 };
 use crate::errors::{ErrorReport, ProxyError};
-use crate::handoff;
 use crate::headers::HeaderList;
 use crate::runtime;
 
 #[magnus::wrap(class = "ThreadedProxy::Native::Job", free_immediately, size)]
 pub struct Job {
+    /// Which exchange's procs the dispatcher runs (its Record's key).
     exchange_id: u64,
+    /// One of `callbacks::KINDS`, given to Ruby as a Symbol.
     kind: &'static str,
+    /// The head a headers or response job shows (and `pass` keeps); the
+    /// head the client got for a finished one.
     head: Option<ResponseHead>,
+    /// What failed, for an error job (on_error).
     error: Option<ErrorReport>,
+    /// How the exchange ended, for a finished job (on_complete, the event).
     summary: Option<Summary>,
     /// Taken by the first answer; later answers are ignored.
     reply: Mutex<Option<oneshot::Sender<CallbackReply>>>,
+    /// Response jobs only: how `read_body` asks the exchange for the body.
     body_access: Option<mpsc::UnboundedSender<BodyRequest>>,
 }
 
@@ -56,8 +63,9 @@ impl Job {
         self.exchange_id
     }
 
-    fn kind(&self) -> &'static str {
-        self.kind
+    /// `:headers`, `:response`, `:error` or `:finished` (`callbacks::KINDS`).
+    fn kind(ruby: &Ruby, rb_self: &Self) -> Symbol {
+        ruby.to_symbol(rb_self.kind)
     }
 
     fn status(&self) -> Option<u16> {
@@ -124,18 +132,29 @@ impl Job {
         }
     }
 
-    /// Lets the exchange go on with this status line and headers. Status 0
-    /// (on_error's "use the default answer") and the head's own status (101
-    /// for a protocol switch) pass; a new one must be a final status.
-    fn continue_with(
+    /// The named reply "leave it as it is": the head unchanged (on_headers,
+    /// on_response), the default error answer (on_error).
+    fn pass(&self) -> bool {
+        self.answer(CallbackReply::pass(self.head.clone()))
+    }
+
+    /// Goes on with this status line and headers (on_headers, on_response).
+    /// The head's own status passes (101 for a protocol switch); a new one
+    /// must be a final status.
+    fn amend(
         ruby: &Ruby,
         rb_self: &Self,
         status: u16,
         reason: Option<String>,
         headers: RArray,
     ) -> Result<bool, Error> {
-        let unchanged = rb_self.head.as_ref().map(|h| h.status);
-        if status != 0 && Some(status) != unchanged {
+        let Some(head) = &rb_self.head else {
+            return Err(errors::argument_error(
+                ruby,
+                format!("a {} job has no head to amend (pass or render)", rb_self.kind),
+            ));
+        };
+        if status != head.status {
             check_final_status(ruby, status)?;
         }
         let headers = parse_headers(ruby, headers)?;
@@ -168,12 +187,7 @@ impl Job {
     ) -> Result<bool, Error> {
         check_final_status(ruby, status)?;
         let headers = parse_headers(ruby, headers)?;
-        let owned = handoff::duplicate(fd).map_err(|e| {
-            Error::new(
-                ruby.exception_io_error(),
-                format!("cannot duplicate body fd: {e}"),
-            )
-        })?;
+        let owned = args::duplicate(fd, "body").map_err(|e| e.io_error(ruby))?;
         Ok(rb_self.answer(CallbackReply::Render(Rendered {
             status,
             headers,
@@ -287,12 +301,22 @@ pub fn define(ruby: &Ruby, native: &magnus::RModule) -> Result<(), Error> {
     class.define_method("error", method!(Job::error, 0))?;
     class.define_method("default_status", method!(Job::default_status, 0))?;
     class.define_method("summary", method!(Job::summary, 0))?;
-    class.define_method("continue", method!(Job::continue_with, 3))?;
+    class.define_method("pass", method!(Job::pass, 0))?;
+    class.define_method("amend", method!(Job::amend, 3))?;
     class.define_method("render", method!(Job::render, 3))?;
     class.define_method("render_file", method!(Job::render_file, 3))?;
     class.define_method("fail", method!(Job::fail, 1))?;
     class.define_method("answered?", method!(Job::answered, 0))?;
     class.define_method("read_body", method!(Job::read_body, 0))?;
     class.undef_default_alloc_func();
+    // Job kind => the user's callback it runs, for the dispatcher.
+    let callbacks = ruby.hash_new();
+    for (kind, callback) in KINDS {
+        let name = ruby.str_new(callback);
+        name.freeze();
+        callbacks.aset(ruby.to_symbol(kind), name)?;
+    }
+    callbacks.freeze();
+    class.const_set("CALLBACKS", callbacks)?;
     Ok(())
 }

@@ -4,114 +4,25 @@
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use magnus::value::ReprValue;
-use magnus::{Error, Float, Integer, RArray, RHash, Ruby, Symbol, TryConvert, Value};
+use magnus::{Error, Float, Integer, RArray, RHash, Ruby, TryConvert, Value};
 
+use super::args::{self, opt, seconds_or};
 use super::errors;
-use super::job::{parse_headers, Job};
+use super::exchange_spec;
+use super::job::Job;
 use super::nogvl::{self, guard, nogvl};
-use crate::exchange::{self, CallbackSet, ExchangeSpec, Timeouts, TunnelTarget};
-use crate::handoff;
-use crate::headers::ClientRequest;
+use crate::exchange;
 use crate::metrics::{Metrics, Value as Metric};
-use crate::origin::{BodySource, TlsSettings};
 use crate::origin_url::{self, Kind};
 use crate::runtime::{self, Settings};
-
-fn key<T: TryConvert>(ruby: &Ruby, hash: RHash, name: &str) -> Result<T, Error> {
-    hash.fetch::<Symbol, T>(ruby.to_symbol(name))
-}
-
-fn opt<T: TryConvert>(ruby: &Ruby, hash: RHash, name: &str) -> Result<Option<T>, Error> {
-    hash.lookup::<Symbol, Option<T>>(ruby.to_symbol(name))
-}
-
-fn seconds(ruby: &Ruby, hash: RHash, name: &str) -> Result<Duration, Error> {
-    let value: f64 = key(ruby, hash, name)?;
-    Duration::try_from_secs_f64(value)
-        .map_err(|_| errors::argument_error(ruby, format!("{name} must be a positive number of seconds")))
-}
 
 /// Takes over the client socket `fd` (duplicated here, under the GVL; the
 /// caller closes its IO right after) and starts the exchange described by
 /// `spec`. Returns at once.
 fn start_exchange(ruby: &Ruby, fd: i32, spec: RHash) -> Result<(), Error> {
     guard(|| {
-        let method: String = key(ruby, spec, "method")?;
-        let method = http::Method::from_bytes(method.as_bytes())
-            .map_err(|_| errors::argument_error(ruby, format!("invalid HTTP method {method:?}")))?;
-        let url: String = key(ruby, spec, "url")?;
-        let tunnel_address = opt::<String>(ruby, spec, "tunnel_address")?;
-        // The check Ruby made before the hijack, again: the URL used is the
-        // canonical one whoever called.
-        let kind = if tunnel_address.is_some() {
-            Kind::Tcp
-        } else {
-            Kind::Http
-        };
-        let target =
-            origin_url::check(&url, kind).map_err(|message| errors::argument_error(ruby, message))?;
-        let url = &*target.url();
-        let body = match opt::<Value>(ruby, spec, "body")? {
-            None => BodySource::Empty,
-            Some(value) if value.is_nil() => BodySource::Empty,
-            Some(value) => BodySource::Bytes(Bytes::try_convert(value)?),
-        };
-        let body = match opt::<i32>(ruby, spec, "body_fd")? {
-            Some(body_fd) => {
-                let owned = handoff::duplicate(body_fd).map_err(|e| {
-                    if let (true, Ok(proxy)) =
-                        (crate::limits::out_of_fds(e.raw_os_error()), runtime::current())
-                    {
-                        let id = key(ruby, spec, "id").unwrap_or(0);
-                        exchange::refused(proxy, id, &method, url, &fd_overload(url, "body", &e));
-                    }
-                    dup_failed(ruby, url, "body", &e)
-                })?;
-                BodySource::File {
-                    file: std::fs::File::from(owned),
-                    offset: opt::<u64>(ruby, spec, "body_offset")?.unwrap_or(0),
-                }
-            }
-            None => body,
-        };
-        let spec = ExchangeSpec {
-            id: key(ruby, spec, "id")?,
-            method,
-            target: target.clone(),
-            headers: parse_headers(ruby, key(ruby, spec, "headers")?)?,
-            body,
-            client: ClientRequest {
-                head_only: key(ruby, spec, "client_head")?,
-                http10: key(ruby, spec, "client_http10")?,
-            },
-            callbacks: CallbackSet {
-                on_headers: key(ruby, spec, "on_headers")?,
-                on_response: key(ruby, spec, "on_response")?,
-                on_error: key(ruby, spec, "on_error")?,
-                finished: key(ruby, spec, "finished")?,
-            },
-            timeouts: Timeouts {
-                connect: seconds(ruby, spec, "connect_timeout")?,
-                header: seconds(ruby, spec, "header_timeout")?,
-                idle: seconds(ruby, spec, "idle_timeout")?,
-            },
-            tls: TlsSettings {
-                verify: key(ruby, spec, "verify_tls")?,
-                ca_file: opt::<String>(ruby, spec, "ca_file")?.map(Into::into),
-            },
-            max_buffered_body: key(ruby, spec, "max_buffered_body")?,
-            upgrade: opt::<Bytes>(ruby, spec, "upgrade")?,
-            // The address Ruby sends is the one `check_url` gave it; the
-            // target's own is used.
-            tunnel: match tunnel_address {
-                Some(_) => Some(TunnelTarget {
-                    upgrade: opt::<Bytes>(ruby, spec, "tunnel_upgrade")?,
-                }),
-                None => None,
-            },
-        };
+        let spec = exchange_spec::parse(ruby, spec)?;
         let proxy = runtime::current().map_err(|e| errors::raise(ruby, &e))?;
         // Admission before the duplicate: a refused exchange holds no
         // descriptor, and Ruby answers 503 on the socket and closes it at
@@ -128,40 +39,19 @@ fn start_exchange(ruby: &Ruby, fd: i32, spec: RHash) -> Result<(), Error> {
                 }
             }
         };
-        let client = match handoff::duplicate(fd) {
+        let client = match args::duplicate(fd, "client") {
             Ok(client) => client,
             Err(e) => {
-                let err = dup_failed(ruby, &spec.target.url(), "client", &e);
-                if crate::limits::out_of_fds(e.raw_os_error()) {
-                    let overload = fd_overload(&spec.target.url(), "client", &e);
+                if e.out_of_fds() {
+                    let overload = e.overload(&spec.target.url());
                     exchange::refused(proxy, spec.id, &spec.method, &spec.target.url(), &overload);
                 }
-                return Err(err);
+                return Err(e.for_exchange(ruby, &spec.target.url()));
             }
         };
         exchange::start_admitted(proxy, spec, client, permit);
         Ok(())
     })
-}
-
-fn fd_overload(url: &str, what: &str, e: &std::io::Error) -> crate::errors::ProxyError {
-    crate::errors::ProxyError::Overload {
-        url: url.to_owned(),
-        message: format!("out of file descriptors: cannot duplicate the {what} fd: {e}"),
-    }
-}
-
-/// A failed `dup` of a descriptor Ruby handed over: out of descriptors is
-/// an overload (`OverloadError`, answered 503 with Retry-After); anything
-/// else (a closed descriptor) is a bug of the caller (IOError).
-fn dup_failed(ruby: &Ruby, url: &str, what: &str, e: &std::io::Error) -> Error {
-    if crate::limits::out_of_fds(e.raw_os_error()) {
-        return errors::raise(ruby, &fd_overload(url, what, e));
-    }
-    Error::new(
-        ruby.exception_io_error(),
-        format!("cannot duplicate {what} fd: {e}"),
-    )
 }
 
 /// Judges an origin URL before the socket is taken, with the parser the
@@ -206,17 +96,10 @@ fn next_job(ruby: &Ruby, timeout: Option<f64>) -> Result<Option<Job>, Error> {
 fn configure(ruby: &Ruby, options: RHash) -> Result<(), Error> {
     guard(|| {
         let defaults = Settings::default();
-        let duration = |name: &str, default: Duration| -> Result<Duration, Error> {
-            match opt::<f64>(ruby, options, name)? {
-                Some(secs) => Duration::try_from_secs_f64(secs)
-                    .map_err(|_| errors::argument_error(ruby, format!("{name} must be a positive number"))),
-                None => Ok(default),
-            }
-        };
         let settings = Settings {
             runtime_threads: opt(ruby, options, "runtime_threads")?.unwrap_or(defaults.runtime_threads),
-            callback_timeout: duration("callback_timeout", defaults.callback_timeout)?,
-            pool_idle_timeout: duration("pool_idle_timeout", defaults.pool_idle_timeout)?,
+            callback_timeout: seconds_or(ruby, options, "callback_timeout", defaults.callback_timeout)?,
+            pool_idle_timeout: seconds_or(ruby, options, "pool_idle_timeout", defaults.pool_idle_timeout)?,
             pool_max_idle_per_host: opt(ruby, options, "pool_max_idle_per_host")?
                 .unwrap_or(defaults.pool_max_idle_per_host),
             max_connections: opt(ruby, options, "max_connections")?.unwrap_or(defaults.max_connections),
@@ -298,10 +181,49 @@ fn wait_idle(ruby: &Ruby, timeout: f64) -> Result<bool, Error> {
     })
 }
 
-/// The default `fd_budget` for this process's descriptor limit, for Ruby's
-/// `Configuration` (one rule: `limits::default_fd_budget`).
-fn default_fd_budget() -> usize {
-    crate::limits::default_fd_budget(crate::limits::soft_fd_limit())
+/// The defaults of the process-wide settings, for Ruby's `Configuration`
+/// (one place: `Settings::default` and `DeliverySettings::default`; the
+/// per-call timeouts and the Ruby-only settings are Ruby's). Seconds as
+/// Floats; status ranges as `[[low, high], …]`; an async_rate of 0 is none.
+fn default_settings(ruby: &Ruby) -> Result<RHash, Error> {
+    let runtime = Settings::default();
+    let delivery = crate::delivery::DeliverySettings::default();
+    let ranges = |list: &[std::ops::RangeInclusive<u16>]| -> Result<RArray, Error> {
+        let array = ruby.ary_new_capa(list.len());
+        for range in list {
+            array.push((*range.start(), *range.end()))?;
+        }
+        Ok(array)
+    };
+    let hash = ruby.hash_new();
+    let key = |name: &str| ruby.to_symbol(name);
+    hash.aset(key("max_connections"), runtime.max_connections)?;
+    hash.aset(
+        key("max_connections_per_origin"),
+        runtime.max_connections_per_origin,
+    )?;
+    hash.aset(key("fd_budget"), runtime.fd_budget)?;
+    hash.aset(key("runtime_threads"), runtime.runtime_threads)?;
+    hash.aset(key("callback_timeout"), runtime.callback_timeout.as_secs_f64())?;
+    hash.aset(key("pool_idle_timeout"), runtime.pool_idle_timeout.as_secs_f64())?;
+    hash.aset(key("pool_max_idle_per_host"), runtime.pool_max_idle_per_host)?;
+    if let crate::delivery::QueueLocation::Sqlite(path) = &delivery.queue {
+        hash.aset(key("async_queue_path"), path.to_string_lossy().as_ref())?;
+    }
+    hash.aset(key("async_concurrency"), delivery.concurrency)?;
+    hash.aset(key("async_rate"), delivery.rate)?;
+    hash.aset(key("async_timeout"), delivery.timeout.as_secs_f64())?;
+    hash.aset(key("async_max_attempts"), delivery.max_attempts)?;
+    hash.aset(key("async_backoff"), delivery.backoff.as_secs_f64())?;
+    hash.aset(key("async_backoff_max"), delivery.backoff_max.as_secs_f64())?;
+    hash.aset(key("async_success"), ranges(&delivery.success)?)?;
+    hash.aset(key("async_retry_on"), ranges(&delivery.retry)?)?;
+    Ok(hash)
+}
+
+/// The hop-by-hop header names (lowercase): `headers.rs` owns the list.
+fn hop_by_hop_headers() -> Vec<&'static str> {
+    crate::headers::hop_by_hop().to_vec()
 }
 
 /// Aborts every running exchange.
@@ -343,7 +265,8 @@ pub fn define(native: &magnus::RModule) -> Result<(), Error> {
     native.define_module_function("check_url", function!(check_url, 2))?;
     native.define_module_function("next_job", function!(next_job, 1))?;
     native.define_module_function("configure", function!(configure, 1))?;
-    native.define_module_function("default_fd_budget", function!(default_fd_budget, 0))?;
+    native.define_module_function("default_settings", function!(default_settings, 0))?;
+    native.define_module_function("hop_by_hop_headers", function!(hop_by_hop_headers, 0))?;
     native.define_module_function("stats", function!(stats, 0))?;
     native.define_module_function("metrics_text", function!(metrics_text, 1))?;
     native.define_module_function("stop_accepting", function!(stop_accepting, 0))?;

@@ -1,9 +1,10 @@
 # frozen_string_literal: true
 
 module ThreadedProxy
-  # The callbacks of one proxy_fetch call, set in its block:
+  # The callbacks of one proxy_fetch call (per call; the process-wide
+  # settings are Configuration), set in its block:
   #   proxy_fetch(url) { |config| config.on_headers { |response| … } }
-  class Config
+  class Callbacks
     CALLBACKS = %i[on_headers on_response on_complete on_error].freeze
 
     CALLBACKS.each do |name|

@@ -2,7 +2,7 @@
 
 require "threaded_proxy"
 
-RSpec.describe ThreadedProxy::Config do
+RSpec.describe ThreadedProxy::Callbacks do
   it "keeps one block per callback and refuses a missing block" do
     config = described_class.new
     expect(config.any?).to be(false)

@@ -49,33 +49,9 @@ module ThreadedProxy
     end
 
     def pass_through_options(env)
-      ThreadedProxy.forwarding_options(env).merge(@options) do |key, ours, theirs|
+      Forwarding.options(env).merge(@options) do |key, ours, theirs|
         key == :headers ? ours.merge(theirs) : theirs
       end
-    end
-  end
-
-  class << self
-    # The options reverse_proxy and the middleware use to pass a request
-    # through: same method and body, client headers, X-Forwarded-*.
-    def forwarding_options(env)
-      method = env["REQUEST_METHOD"]
-      has_body = env["CONTENT_LENGTH"].to_i.positive? || env.key?("HTTP_TRANSFER_ENCODING")
-      options = { method: method, forward_headers: true, headers: forwarded_for_headers(env) }
-      options[:body] = :rack if has_body
-      options
-    end
-
-    def forwarded_for_headers(env)
-      remote = env["REMOTE_ADDR"].to_s
-      prior = env["HTTP_X_FORWARDED_FOR"].to_s
-      scheme = env["HTTP_X_FORWARDED_PROTO"] || env["rack.url_scheme"] || "http"
-      host = env["HTTP_HOST"] || [env["SERVER_NAME"], env["SERVER_PORT"]].compact.join(":")
-      {
-        "X-Forwarded-For" => prior.empty? ? remote : "#{prior}, #{remote}",
-        "X-Forwarded-Proto" => scheme.to_s,
-        "X-Forwarded-Host" => host.to_s
-      }
     end
   end
 end
