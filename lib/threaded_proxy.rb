@@ -15,6 +15,7 @@ require_relative "threaded_proxy/response_reader"
 require_relative "threaded_proxy/exchange"
 require_relative "threaded_proxy/async"
 require_relative "threaded_proxy/metrics"
+require_relative "threaded_proxy/machine"
 require_relative "threaded_proxy/rack"
 require_relative "threaded_proxy/controller"
 require_relative "threaded_proxy/railtie" if defined?(Rails::Railtie)

@@ -31,6 +31,8 @@
 //!   and the durable queue (`delivery::store`: the trait, the SQLite and
 //!   PostgreSQL backends, the header codec).
 //! - `runtime`: the per-process runtime, rebuilt after fork; settings.
+//! - `machine`: the ProxyMachine-style TCP router (`route`: buffer and ask
+//!   the block; `join`: connect and join both ways).
 //! - `limits`, `stats`, `errors`: admission caps, counters, the error type.
 //! - `metrics`: the Prometheus text exposition and latency histograms.
 //! - `ruby` (feature `ruby`): the magnus bindings, the only Ruby-aware code.
@@ -42,6 +44,7 @@ pub mod exchange;
 pub mod handoff;
 pub mod headers;
 pub mod limits;
+pub mod machine;
 pub mod metrics;
 pub mod origin;
 pub mod origin_url;

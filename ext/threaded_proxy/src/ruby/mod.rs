@@ -5,6 +5,7 @@
 mod delivery;
 mod errors;
 mod job;
+mod machine;
 mod native;
 mod nogvl;
 
@@ -16,5 +17,6 @@ pub fn init(ruby: &Ruby) -> Result<(), Error> {
     native::define(&native)?;
     job::define(ruby, &native)?;
     delivery::define(&native)?;
+    machine::define(ruby, &native)?;
     Ok(())
 }

@@ -1,0 +1,214 @@
+//! After routing: connect to the remote (refused connects retried), send
+//! the reply to the client and the buffer (or the block's `data:`) to the
+//! remote, then join the two sockets both ways until both have closed.
+//! No byte goes to Ruby from here on. On Linux the bytes move with
+//! splice(2) (`crate::splice`), elsewhere (or with zero copy off) through
+//! `crate::tunnel`'s copy; half-closes are passed on either way, and
+//! `inactivity_timeout` counts silence in both directions together.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::{Job, Machine, Remote};
+use crate::splice::{SpliceEnd, Splicer};
+use crate::tunnel::{self, TunnelCounts, TunnelEnd};
+
+/// "No inactivity limit", still a finite duration for tokio's timers.
+const FOREVER: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// How a join ended, when not by both sides closing.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    Inactive,
+    /// A reset or broken pipe: a side that left, not an error of ours.
+    Failed,
+}
+
+pub async fn run(machine: &Machine, mut client: TcpStream, buffer: Bytes, remote: Remote) {
+    let stats = &machine.stats;
+    let Some(mut upstream) = connect(machine, &remote).await else {
+        stats.connect_errors.fetch_add(1, Relaxed);
+        machine.notify(Job::ConnectError {
+            remote: remote.address,
+        });
+        return;
+    };
+    let _ = upstream.set_nodelay(true);
+    if let Some(reply) = &remote.reply {
+        if client.write_all(reply).await.is_err() {
+            return;
+        }
+        stats.bytes_to_client.fetch_add(reply.len() as u64, Relaxed);
+    }
+    let first = remote.data.as_ref().unwrap_or(&buffer);
+    if upstream.write_all(first).await.is_err() {
+        return;
+    }
+    stats.bytes_to_remote.fetch_add(first.len() as u64, Relaxed);
+    let idle = remote.inactivity_timeout;
+    let end = match both_ways_spliced(machine, &client, &upstream, idle).await {
+        Ok(end) => end,
+        // No pipe to be had, or zero copy switched off: copy instead.
+        Err(_) => both_ways_copied(machine, &mut client, upstream, idle).await,
+    };
+    if end == Err(End::Inactive) {
+        stats.inactivity_cuts.fetch_add(1, Relaxed);
+        machine.notify(Job::Inactivity {
+            remote: remote.address,
+        });
+    }
+}
+
+/// Tries `connect_tries` times while the remote refuses; a timeout or any
+/// other failure ends at once.
+async fn connect(machine: &Machine, remote: &Remote) -> Option<TcpStream> {
+    let settings = &machine.settings;
+    let limit = remote.connect_timeout.unwrap_or(settings.connect_timeout);
+    for attempt in 1..=settings.connect_tries.max(1) {
+        match tokio::time::timeout(limit, TcpStream::connect(remote.address.as_str())).await {
+            Ok(Ok(stream)) => return Some(stream),
+            Ok(Err(e))
+                if e.kind() == io::ErrorKind::ConnectionRefused && attempt < settings.connect_tries =>
+            {
+                tokio::time::sleep(settings.connect_retry_delay).await;
+            }
+            Ok(Err(e)) => {
+                machine.log(format!(
+                    "cannot connect to {} ({e}) after {attempt} tries",
+                    remote.address
+                ));
+                return None;
+            }
+            Err(_) => {
+                machine.log(format!(
+                    "connecting to {} timed out after {limit:?}",
+                    remote.address
+                ));
+                return None;
+            }
+        }
+    }
+    None
+}
+
+/// The last time a byte moved either way.
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Relaxed);
+    }
+
+    /// Resolves once nothing moved for `idle` (never for None).
+    async fn silent_for(&self, idle: Option<Duration>) {
+        let Some(idle) = idle else {
+            return std::future::pending().await;
+        };
+        loop {
+            let deadline = self.start + Duration::from_millis(self.last_ms.load(Relaxed)) + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// Both directions by splice(2); `Err` when splicing is not available here
+/// (nothing was moved yet, so the caller may copy instead).
+async fn both_ways_spliced(
+    machine: &Machine,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    idle: Option<Duration>,
+) -> io::Result<Result<(), End>> {
+    let to_upstream = Splicer::new(upstream.as_raw_fd())?;
+    let to_client = Splicer::new(client.as_raw_fd())?;
+    let stats = &machine.stats;
+    let activity = Activity::new();
+    let up = one_way(
+        machine,
+        &activity,
+        to_upstream,
+        client,
+        upstream,
+        &stats.bytes_to_remote,
+    );
+    let down = one_way(
+        machine,
+        &activity,
+        to_client,
+        upstream,
+        client,
+        &stats.bytes_to_client,
+    );
+    Ok(tokio::select! {
+        joined = async { tokio::try_join!(up, down) } => joined.map(|_| ()),
+        _ = activity.silent_for(idle) => Err(End::Inactive),
+    })
+}
+
+/// `from` → `to` until `from`'s EOF, which is passed on as a half-close.
+async fn one_way(
+    machine: &Machine,
+    activity: &Activity,
+    splicer: Splicer,
+    from: &TcpStream,
+    to: &TcpStream,
+    count: &AtomicU64,
+) -> Result<(), End> {
+    let mut moved = |n: u64| {
+        activity.touch();
+        count.fetch_add(n, Relaxed);
+        machine.stats.bytes_spliced.fetch_add(n, Relaxed);
+    };
+    match splicer.copy(from, u64::MAX, FOREVER, &mut moved).await {
+        Err(SpliceEnd::OriginClosed(_)) | Ok(()) => {
+            let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+            Ok(())
+        }
+        Err(_) => Err(End::Failed),
+    }
+}
+
+/// Both directions through a user-space buffer (`crate::tunnel`).
+async fn both_ways_copied(
+    machine: &Machine,
+    client: &mut TcpStream,
+    upstream: TcpStream,
+    idle: Option<Duration>,
+) -> Result<(), End> {
+    let counts = TunnelCounts::default();
+    let (mut rd, mut wr) = client.split();
+    let result = tunnel::run(&mut rd, &mut wr, upstream, idle.unwrap_or(FOREVER), &counts).await;
+    let stats = &machine.stats;
+    stats
+        .bytes_to_remote
+        .fetch_add(counts.to_origin.load(Relaxed), Relaxed);
+    stats
+        .bytes_to_client
+        .fetch_add(counts.to_client.load(Relaxed), Relaxed);
+    match result {
+        Ok(()) => Ok(()),
+        Err(TunnelEnd::Idle) => Err(End::Inactive),
+        Err(TunnelEnd::Failed(_)) => Err(End::Failed),
+    }
+}
