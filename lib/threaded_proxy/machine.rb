@@ -46,6 +46,32 @@ module ThreadedProxy
       @exiting == true
     end
 
+    REGISTRY_LOCK = Mutex.new
+    private_constant :REGISTRY_LOCK
+    @running = []
+
+    # The machines started in this process and not stopped (one inherited
+    # through fork is not: its runtime stayed in the parent).
+    def self.running
+      REGISTRY_LOCK.synchronize { @running.filter_map { |pid, machine| machine if pid == Process.pid } }
+    end
+
+    def self.register(machine, add)
+      REGISTRY_LOCK.synchronize do
+        @running.reject! { |_pid, m| m.equal?(machine) }
+        @running << [Process.pid, machine] if add
+      end
+    end
+
+    # For ThreadedProxy::Metrics: `[["machine_<stat>", number], …]`, each
+    # stat summed over this process's running machines (nothing when none
+    # runs).
+    def self.metric_values
+      totals = Hash.new(0)
+      running.each { |machine| machine.stats.each { |name, value| totals[name] += value if value.is_a?(Numeric) } }
+      totals.map { |name, value| ["machine_#{name}", value] }
+    end
+
     def initialize(host: "127.0.0.1", port: 0, max_route_bytes: 64 * 1024, route_timeout: 5.0, connect_timeout: 10.0,
                    threads: 2, reuse_port: false, logger: nil, on_connect_error: nil, on_inactivity_error: nil,
                    &router)
@@ -89,6 +115,7 @@ module ThreadedProxy
           watch
         end
       end
+      self.class.register(self, true)
       self
     end
 
@@ -126,6 +153,7 @@ module ThreadedProxy
         native.wait_idle(2)
       end
       close_threads(native)
+      self.class.register(self, false)
       drained
     end
 

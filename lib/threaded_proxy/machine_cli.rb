@@ -3,10 +3,13 @@
 require "optparse"
 require "socket"
 require_relative "machine_config"
+require_relative "machine_metrics_server"
 
 module ThreadedProxy
-  # `threaded-proxy-machine -c CONFIG [-h HOST] [-p PORT] [-w WORKERS]`:
-  # ProxyMachine's command line. One process serves unless `-w N` asks for
+  # `threaded-proxy-machine -c CONFIG [-h HOST] [-p PORT] [-w WORKERS]
+  # [--metrics HOST:PORT]`: ProxyMachine's command line, plus the
+  # Prometheus exposition (ThreadedProxy::Metrics, machine_* series) on a
+  # port of its own. One process serves unless `-w N` asks for
   # N, which then share the port (SO_REUSEPORT) under a master that passes
   # signals on: the routing block holds the GVL, so processes are how it
   # uses more cores.
@@ -40,6 +43,10 @@ module ThreadedProxy
         o.on("-h", "--host HOST", "address to listen on (0.0.0.0)") { |v| @options[:host] = v }
         o.on("-p", "--port PORT", Integer, "port to listen on (5432)") { |v| @options[:port] = v }
         o.on("-w", "--workers N", Integer, "processes sharing the port (1)") { |v| @options[:workers] = v }
+        o.on("--metrics HOST:PORT", "serve Prometheus metrics there (GET any path)") do |v|
+          host, port = v.include?(":") ? v.split(/:(?=\d+\z)/) : ["127.0.0.1", v]
+          @options[:metrics] = [host, Integer(port)]
+        end
         o.on("--help", "this text") do
           puts o
           exit 0
@@ -58,13 +65,16 @@ module ThreadedProxy
       machine = Machine.new(host: @options[:host], port: @options[:port], reuse_port: reuse_port,
                             logger: -> { @config.logger }, on_connect_error: @config.connect_error,
                             on_inactivity_error: @config.inactivity_error, &@config.router).start
+      metrics = MachineMetricsServer.new(*@options[:metrics]).start if @options[:metrics]
       where = "#{@options[:host]}:#{machine.port}"
       $0 = "threaded-proxy-machine #{where}"
-      logger.info("threaded-proxy-machine listening on #{where} (pid #{Process.pid})")
+      logger.info("threaded-proxy-machine listening on #{where} (pid #{Process.pid})" \
+                  "#{", metrics on port #{metrics.port}" if metrics}")
       signal = signals.pop
       logger.info("Received #{signal} signal. No longer accepting new connections.")
       logger.info("Waiting for #{machine.stats[:open]} connections to finish.")
       drained = machine.stop(signal == "QUIT" ? nil : FAST_SHUTDOWN_SECONDS)
+      metrics&.stop
       logger.info(drained ? "All connections finished; exiting." : "Closed the connections left; exiting.")
       0
     end

@@ -150,6 +150,23 @@ RSpec.describe "exe/threaded-proxy-machine" do
     pids.uniq.each { |pid| expect { Process.kill(0, Integer(pid)) }.to raise_error(Errno::ESRCH) }
   end
 
+  it "serves the Prometheus exposition on --metrics" do
+    metrics_port = FreePort.take
+    start("--metrics", "127.0.0.1:#{metrics_port}")
+    socket = connect
+    socket.write("PING x\n")
+    socket.close_write
+    Timeout.timeout(10) { socket.read }
+    socket.close
+    scrape = TCPSocket.new("127.0.0.1", metrics_port)
+    scrape.write("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    response = Timeout.timeout(10) { scrape.read }
+    expect(response).to start_with("HTTP/1.1 200 OK")
+    expect(response).to include(%(threaded_proxy_machine_routed_total{pid="#{@pid}"} 1))
+  ensure
+    scrape&.close
+  end
+
   it "exits 1 with a message when the config is missing" do
     out = IO.popen([RbConfig.ruby, EXE, "-c", File.join(@dir, "nope.rb"), "-p", "0"], err: %i[child out], &:read)
     expect($?.exitstatus).to eq(1)

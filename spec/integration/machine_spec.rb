@@ -204,14 +204,22 @@ RSpec.describe ThreadedProxy::Machine do
     port = FreePort.take
     socket = connect
     socket.write("NOWHERE #{port}\n")
-    Timeout.timeout(5) { seen.pop } # decided: Rust is now retrying
-    late = MachineBackend.new("late", "echo", port: port).start
+    log.wait_for(/127.0.0.1:#{port} refused the connection; trying 9 more times/)
+    late = TCPServer.new("127.0.0.1", port)
+    served = Thread.new do
+      conn = late.accept
+      conn.write("late\n")
+      IO.copy_stream(conn, conn)
+      conn.close
+    end
     socket.close_write
     expect(read_all(socket)).to eq("late\nNOWHERE #{port}\n")
+    expect(served.join(5)).to be_truthy
     expect(errors).to be_empty
+    expect(machine.stats[:connect_retries]).to be >= 1
   ensure
     socket&.close
-    late&.stop
+    late&.close
   end
 
   it "calls proxy_connect_error with the remote when every try is refused" do
@@ -314,6 +322,30 @@ RSpec.describe ThreadedProxy::Machine do
     socket.close_write
     expect(read_all(socket)).to eq("")
     expect(stopper.value).to be(true)
+  ensure
+    socket&.close
+  end
+
+  it "counts what it did in #stats and in the Prometheus exposition" do
+    expect(exchange("PING a\n")).to eq("a\nPING a\n")
+    expect(exchange("BYE\n")).to eq("GOODBYE\n")
+    socket = connect
+    socket.write("PING b\n")
+    expect(read_exactly(socket, 2)).to eq("b\n")
+    stats = machine.stats
+    expect(stats).to include(accepted: 3, routed: 2, closed_by_block: 1, open: 1, route_calls: 3)
+    expect(stats[:route_seconds]).to be > 0
+    text = ThreadedProxy::Metrics.text
+    pid = Process.pid
+    expect(text).to include("# TYPE threaded_proxy_machine_open gauge",
+                            %(threaded_proxy_machine_open{pid="#{pid}"} 1),
+                            %(threaded_proxy_machine_routed_total{pid="#{pid}"} 2),
+                            %(threaded_proxy_machine_closed_by_block_total{pid="#{pid}"} 1),
+                            %(threaded_proxy_machine_bytes_to_client_total{pid="#{pid}"} #{stats[:bytes_to_client]}))
+    expect(text).to match(/^threaded_proxy_machine_route_seconds_total\{pid="#{pid}"\} \d/)
+    socket.close
+    machine.stop(5)
+    expect(ThreadedProxy::Metrics.text).not_to include("threaded_proxy_machine_")
   ensure
     socket&.close
   end

@@ -77,6 +77,14 @@ async fn connect(machine: &Machine, remote: &Remote) -> Option<TcpStream> {
             Ok(Err(e))
                 if e.kind() == io::ErrorKind::ConnectionRefused && attempt < settings.connect_tries =>
             {
+                if attempt == 1 {
+                    machine.log(format!(
+                        "{} refused the connection; trying {} more times",
+                        remote.address,
+                        settings.connect_tries - 1
+                    ));
+                }
+                machine.stats.connect_retries.fetch_add(1, Relaxed);
                 tokio::time::sleep(settings.connect_retry_delay).await;
             }
             Ok(Err(e)) => {

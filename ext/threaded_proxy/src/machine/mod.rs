@@ -110,6 +110,8 @@ pub struct MachineStats {
     pub routed: AtomicU64,
     pub closed_by_block: AtomicU64,
     pub connect_errors: AtomicU64,
+    /// Connect attempts that were refused and tried again.
+    pub connect_retries: AtomicU64,
     pub inactivity_cuts: AtomicU64,
     /// Block raised, hung past route_timeout or answered garbage.
     pub route_failures: AtomicU64,
@@ -132,6 +134,7 @@ impl MachineStats {
             ("routed", self.routed.load(Relaxed)),
             ("closed_by_block", self.closed_by_block.load(Relaxed)),
             ("connect_errors", self.connect_errors.load(Relaxed)),
+            ("connect_retries", self.connect_retries.load(Relaxed)),
             ("inactivity_cuts", self.inactivity_cuts.load(Relaxed)),
             ("route_failures", self.route_failures.load(Relaxed)),
             ("route_overflows", self.route_overflows.load(Relaxed)),
