@@ -174,6 +174,10 @@ RSpec.describe ThreadedProxy::Machine do
     stats = machine.stats
     expect(stats[:bytes_to_remote]).to eq(7 + payload.bytesize)
     expect(stats[:bytes_to_client]).to eq(back.bytesize)
+    # Everything after the replayed buffer moved by splice(2), unless zero
+    # copy is switched off (then it was copied).
+    spliced = ENV["THREADED_PROXY_ZERO_COPY"] == "0" ? 0 : (2 * payload.bytesize) + 9
+    expect(stats[:bytes_spliced]).to eq(spliced)
   ensure
     socket&.close
   end

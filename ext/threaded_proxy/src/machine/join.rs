@@ -3,7 +3,7 @@
 //! remote, then join the two sockets both ways until both have closed.
 //! No byte goes to Ruby from here on. On Linux the bytes move with
 //! splice(2) (`crate::splice`), elsewhere (or with zero copy off) through
-//! `crate::tunnel`'s copy; half-closes are passed on either way, and
+//! a buffer; half-closes are passed on either way, and
 //! `inactivity_timeout` counts silence in both directions together.
 
 use std::io;
@@ -12,13 +12,15 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::{Job, Machine, Remote};
 use crate::splice::{SpliceEnd, Splicer};
-use crate::tunnel::{self, TunnelCounts, TunnelEnd};
+
+/// Per direction when copying (splice uses a pipe instead).
+const COPY_BUFFER: usize = 64 * 1024;
 
 /// "No inactivity limit", still a finite duration for tokio's timers.
 const FOREVER: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -197,26 +199,58 @@ async fn one_way(
     }
 }
 
-/// Both directions through a user-space buffer (`crate::tunnel`).
+/// Both directions through a user-space buffer. Not `crate::tunnel::run`:
+/// that one waits for both directions even after one failed, and a client
+/// that resets would leave the remote (still waiting for bytes) joined to
+/// nobody until the inactivity limit; here a failure ends both.
 async fn both_ways_copied(
     machine: &Machine,
     client: &mut TcpStream,
-    upstream: TcpStream,
+    mut upstream: TcpStream,
     idle: Option<Duration>,
 ) -> Result<(), End> {
-    let counts = TunnelCounts::default();
-    let (mut rd, mut wr) = client.split();
-    let result = tunnel::run(&mut rd, &mut wr, upstream, idle.unwrap_or(FOREVER), &counts).await;
+    let activity = Activity::new();
     let stats = &machine.stats;
-    stats
-        .bytes_to_remote
-        .fetch_add(counts.to_origin.load(Relaxed), Relaxed);
-    stats
-        .bytes_to_client
-        .fetch_add(counts.to_client.load(Relaxed), Relaxed);
-    match result {
-        Ok(()) => Ok(()),
-        Err(TunnelEnd::Idle) => Err(End::Inactive),
-        Err(TunnelEnd::Failed(_)) => Err(End::Failed),
+    let (mut client_rd, mut client_wr) = client.split();
+    let (mut upstream_rd, mut upstream_wr) = upstream.split();
+    let up = copy_one_way(
+        &activity,
+        &mut client_rd,
+        &mut upstream_wr,
+        &stats.bytes_to_remote,
+    );
+    let down = copy_one_way(
+        &activity,
+        &mut upstream_rd,
+        &mut client_wr,
+        &stats.bytes_to_client,
+    );
+    tokio::select! {
+        joined = async { tokio::try_join!(up, down) } => joined.map(|_| ()),
+        _ = activity.silent_for(idle) => Err(End::Inactive),
+    }
+}
+
+/// Reads `from` until EOF, writes it all to `to`, then shuts `to` down.
+async fn copy_one_way<R, W>(
+    activity: &Activity,
+    from: &mut R,
+    to: &mut W,
+    count: &AtomicU64,
+) -> Result<(), End>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; COPY_BUFFER];
+    loop {
+        let n = from.read(&mut buf).await.map_err(|_| End::Failed)?;
+        if n == 0 {
+            let _ = to.shutdown().await;
+            return Ok(());
+        }
+        to.write_all(&buf[..n]).await.map_err(|_| End::Failed)?;
+        activity.touch();
+        count.fetch_add(n as u64, Relaxed);
     }
 }
