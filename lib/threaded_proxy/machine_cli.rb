@@ -20,6 +20,8 @@ module ThreadedProxy
   class MachineCLI
     FAST_SHUTDOWN_SECONDS = 10
     SIGNALS = %w[QUIT TERM INT].freeze
+    # A worker that dies sooner than this after its fork is not restarted.
+    BOOT_GRACE_SECONDS = 2
 
     def initialize(argv)
       @options = { host: "0.0.0.0", port: 5432, workers: 1 }
@@ -87,41 +89,50 @@ module ThreadedProxy
       SIGNALS.each { |sig| trap(sig) { signals << sig } }
       workers = {}
       stopping = nil
-      @options[:workers].times { |i| workers[fork_worker(i)] = i }
+      failed = false
+      @options[:workers].times { |i| workers[fork_worker(i, signals)] = [i, monotonic] }
       logger.info("threaded-proxy-machine master #{Process.pid}: #{workers.size} workers on " \
                   "#{@options[:host]}:#{@options[:port]}")
-      reaper = Thread.new do
-        loop do
-          pid, status = Process.wait2
-          signals << [:exited, pid, status]
-        rescue Errno::ECHILD
-          break
-        end
-      end
       until workers.empty?
-        event = signals.pop
+        event = signals.pop # a signal's name, or [:exited, pid, status]
         if event.is_a?(String)
           stopping = event
           workers.each_key { |pid| kill(event, pid) }
         else
           _, pid, status = event
-          index = workers.delete(pid)
+          index, started = workers.delete(pid)
           next if stopping || index.nil?
 
+          if monotonic - started < BOOT_GRACE_SECONDS
+            # Died while booting (port taken, config raising): another would
+            # do the same, so stop everyone instead of looping.
+            logger.error("worker #{pid} exited (#{status}) #{BOOT_GRACE_SECONDS}s or less after it started; stopping")
+            stopping = "TERM"
+            workers.each_key { |other| kill("TERM", other) }
+            failed = true
+            next
+          end
           logger.error("worker #{pid} exited (#{status}); starting another")
-          workers[fork_worker(index)] = index
+          workers[fork_worker(index, signals)] = [index, monotonic]
         end
       end
-      reaper.join(1)
-      0
+      failed ? 1 : 0
     end
 
-    def fork_worker(index)
-      fork do
+    def monotonic
+      Process.clock_gettime(Process::CLOCK_MONOTONIC)
+    end
+
+    # Forks worker `index`; a thread of the master waits for its exit and
+    # reports it on `events`.
+    def fork_worker(index, events)
+      pid = fork do
         SIGNALS.each { |sig| trap(sig, "DEFAULT") }
         $0 = "threaded-proxy-machine worker #{index}"
         exit(serve(reuse_port: true))
       end
+      Thread.new { events << [:exited, pid, Process.wait2(pid).last] }
+      pid
     end
 
     def kill(signal, pid)
