@@ -263,3 +263,103 @@ async fn serve(machine: Arc<Machine>, client: tokio::net::TcpStream) {
         _ = cut.wait_for(|c| *c) => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Plays the Ruby side: answers route jobs with `decide` on a thread,
+    /// and tells `seen` what each job showed.
+    fn block_thread(
+        machine: Arc<Machine>,
+        decide: fn(&[u8]) -> Answer,
+        seen: std::sync::mpsc::Sender<Bytes>,
+    ) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let flag = AtomicBool::new(false);
+            while let Some(job) = machine.jobs.pop_wait(&flag, None) {
+                if let Job::Route { data, reply } = job {
+                    let _ = reply.send(decide(&data));
+                    let _ = seen.send(data);
+                }
+            }
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn routes_after_noop_replays_the_buffer_and_passes_half_closes() {
+        let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let echo_port = echo.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut conn, _) = echo.accept().await.unwrap();
+            let mut got = Vec::new();
+            conn.read_to_end(&mut got).await.unwrap();
+            // Only after the client's half-close reached us: answer, close.
+            conn.write_all(&got).await.unwrap();
+        });
+        let settings = Settings {
+            port: 0,
+            ..Settings::default()
+        };
+        let machine = Machine::start(settings, &tokio::runtime::Handle::current()).unwrap();
+        static PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+        PORT.store(echo_port, Relaxed);
+        let (seen_tx, seen) = std::sync::mpsc::channel();
+        let block = block_thread(
+            machine.clone(),
+            |data| {
+                if data.contains(&b'\n') {
+                    Answer::Remote(Remote {
+                        address: format!("127.0.0.1:{}", PORT.load(Relaxed)),
+                        ..Remote::default()
+                    })
+                } else {
+                    Answer::Noop
+                }
+            },
+            seen_tx,
+        );
+        let mut client = tokio::net::TcpStream::connect(("127.0.0.1", machine.port))
+            .await
+            .unwrap();
+        client.write_all(b"split ").await.unwrap();
+        // The block saw the first segment alone before the second is sent.
+        let first = tokio::task::spawn_blocking(move || seen.recv_timeout(Duration::from_secs(5)).unwrap());
+        assert_eq!(&first.await.unwrap()[..], b"split ");
+        client.write_all(b"route\n").await.unwrap();
+        client.write_all(b"and after").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, b"split route\nand after");
+        assert_eq!(machine.stats.routed.load(Relaxed), 1);
+        machine.stop_accepting();
+        machine.jobs.close();
+        block.join().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_block_that_never_answers_closes_the_connection_after_route_timeout() {
+        let settings = Settings {
+            route_timeout: Duration::from_millis(100),
+            ..Settings::default()
+        };
+        let machine = Machine::start(settings, &tokio::runtime::Handle::current()).unwrap();
+        let mut client = tokio::net::TcpStream::connect(("127.0.0.1", machine.port))
+            .await
+            .unwrap();
+        client.write_all(b"anyone?").await.unwrap();
+        let mut back = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(back.is_empty());
+        assert_eq!(machine.stats.route_failures.load(Relaxed), 1);
+    }
+}
