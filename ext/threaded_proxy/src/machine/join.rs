@@ -33,7 +33,7 @@ enum End {
     Failed,
 }
 
-pub async fn run(machine: &Machine, mut client: TcpStream, buffer: Bytes, remote: Remote) {
+pub async fn run(machine: &Machine, mut client: TcpStream, buffer: Bytes, mut remote: Remote) {
     let stats = &machine.stats;
     let Some(mut upstream) = connect(machine, &remote).await else {
         stats.connect_errors.fetch_add(1, Relaxed);
@@ -43,17 +43,20 @@ pub async fn run(machine: &Machine, mut client: TcpStream, buffer: Bytes, remote
         return;
     };
     let _ = upstream.set_nodelay(true);
-    if let Some(reply) = &remote.reply {
-        if client.write_all(reply).await.is_err() {
+    if let Some(reply) = remote.reply.take() {
+        if client.write_all(&reply).await.is_err() {
             return;
         }
         stats.bytes_to_client.fetch_add(reply.len() as u64, Relaxed);
     }
-    let first = remote.data.as_ref().unwrap_or(&buffer);
-    if upstream.write_all(first).await.is_err() {
+    // Taken, so the buffer is freed once sent: an idle joined connection
+    // then holds no user-space buffer at all.
+    let first = remote.data.take().unwrap_or(buffer);
+    if upstream.write_all(&first).await.is_err() {
         return;
     }
     stats.bytes_to_remote.fetch_add(first.len() as u64, Relaxed);
+    drop(first);
     let idle = remote.inactivity_timeout;
     let end = match both_ways_spliced(machine, &client, &upstream, idle).await {
         Ok(end) => end,

@@ -13,16 +13,20 @@ use tokio::sync::oneshot;
 
 use super::{join, Answer, Job, Machine};
 
-/// Read size while routing: routing patterns sit in the first bytes.
+/// Read sizes while routing: routing patterns sit in the first bytes, so
+/// the first read is small (the buffer is what an idle connection's
+/// allocator high-water mark is made of) and later ones double up to CHUNK.
+const FIRST_READ: usize = 2 * 1024;
 const CHUNK: usize = 16 * 1024;
 
 /// Serves one connection to its end.
 pub async fn run(machine: &Machine, mut client: TcpStream) {
     let max = machine.settings.max_route_bytes;
-    let mut buffer = BytesMut::with_capacity(CHUNK.min(max + 1));
+    let mut buffer = BytesMut::new();
     loop {
         // One byte past the cap is enough to know it was passed.
-        let room = (max + 1).saturating_sub(buffer.len()).min(CHUNK);
+        let want = buffer.len().clamp(FIRST_READ, CHUNK);
+        let room = (max + 1).saturating_sub(buffer.len()).min(want);
         let start = buffer.len();
         buffer.resize(start + room, 0);
         let n = match client.read(&mut buffer[start..]).await {
