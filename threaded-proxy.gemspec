@@ -33,6 +33,7 @@ Gem::Specification.new do |spec|
   spec.files = Dir.chdir(__dir__) do
     Dir[
       "lib/**/*.rb",
+      "exe/*",
       "ext/threaded_proxy/{Cargo.toml,Cargo.lock,extconf.rb}",
       "ext/threaded_proxy/src/**/*.rs",
       "README.md",
@@ -40,6 +41,9 @@ Gem::Specification.new do |spec|
     ].sort
   end
   spec.require_paths = ["lib"]
+  # The TCP router (ProxyMachine's command line): ThreadedProxy::MachineCLI.
+  spec.bindir = "exe"
+  spec.executables = ["threaded-proxy-machine"]
   spec.extensions = ["ext/threaded_proxy/extconf.rb"]
 
   spec.add_dependency "rack", ">= 2.2", "< 4"

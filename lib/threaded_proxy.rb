@@ -24,6 +24,7 @@ require_relative "threaded_proxy/async/shutdown"
 require_relative "threaded_proxy/metrics"
 require_relative "threaded_proxy/forwarding"
 require_relative "threaded_proxy/middleware"
+require_relative "threaded_proxy/machine"
 require_relative "threaded_proxy/controller"
 require_relative "threaded_proxy/railtie" if defined?(Rails::Railtie)
 

@@ -32,6 +32,7 @@ module ThreadedProxy
       def values
         pairs = numeric(ThreadedProxy.stats)
         pairs.concat(numeric(Native.async_stats).map { |name, value| ["async_#{name}", value] }) if Native.async_running?
+        pairs.concat(Machine.metric_values)
         pairs
       end
 

@@ -48,6 +48,8 @@
 //! - `errors`: the error type and what Ruby gets of it.
 //! - `events`: `stream_events`/`publish`: SSE streams fed from Ruby (the
 //!   hub, the wire format, the replay ring, one task per stream).
+//! - `machine`: the ProxyMachine-style TCP router (`route`: buffer and ask
+//!   the block; `join`: connect and join both ways).
 //! - `metrics`: the Prometheus text exposition and latency histograms.
 //! - `ruby` (feature `ruby`): the magnus bindings, the only Ruby-aware code.
 
@@ -59,6 +61,7 @@ pub mod exchange;
 pub mod handoff;
 pub mod headers;
 pub mod limits;
+pub mod machine;
 pub mod metrics;
 pub mod origin;
 pub mod origin_url;

@@ -11,6 +11,7 @@
 //!   (`pass`, `amend`, `render`, `render_file`, `fail`).
 //! - `delivery`: `Native.async_*` (proxy_async).
 //! - `events`: `Native.stream_events`/`publish`/`subscribers` (event streams).
+//! - `machine`: `Native::Machine`, `Native::MachineJob` (the TCP router).
 //! - `errors`: Rust errors as Ruby exceptions; `nogvl`: GVL release.
 
 mod args;
@@ -19,6 +20,7 @@ mod errors;
 mod events;
 mod exchange_spec;
 mod job;
+mod machine;
 mod native;
 mod nogvl;
 
@@ -31,5 +33,6 @@ pub fn init(ruby: &Ruby) -> Result<(), Error> {
     job::define(ruby, &native)?;
     delivery::define(&native)?;
     events::define(&native)?;
+    machine::define(ruby, &native)?;
     Ok(())
 }

@@ -1,0 +1,350 @@
+# frozen_string_literal: true
+
+require "logger"
+
+module ThreadedProxy
+  # A content-aware TCP router, ProxyMachine's model with Rust moving the
+  # bytes:
+  #
+  #   machine = ThreadedProxy::Machine.new(host: "0.0.0.0", port: 9418) do |data|
+  #     data.start_with?("PING") ? { remote: "127.0.0.1:7000" } : { noop: true }
+  #   end
+  #   machine.start   # returns once listening; machine.port says where
+  #   machine.stop(10)
+  #
+  # Rust accepts and reads each client; the block is called with the bytes
+  # so far (a binary String), again each time more arrive, until it
+  # answers `{ remote: "host:port" }` (with `data:`, `reply:`,
+  # `connect_timeout:`, `inactivity_timeout:`), `{ close: true }`,
+  # `{ close: "bytes" }` or `{ noop: true }`. Anything else closes the
+  # connection. After routing no byte enters Ruby.
+  #
+  # The block runs on a few Ruby threads the machine owns (`threads:`),
+  # which wait for work with the GVL released: no thread per connection.
+  # Whatever the block does (raise, `exit`, hang, answer garbage) costs its
+  # own connection only: an exception is rescued and logged and the
+  # connection closed; a block past `route_timeout` has its connection
+  # closed by Rust, and the watcher gives its thread's slot to a new thread.
+  class Machine
+    # ProxyMachine's answer keys that come with `remote:`.
+    REMOTE_KEYS = %i[remote data reply connect_timeout inactivity_timeout].freeze
+    # Thread variable: monotonic time the thread's current job started.
+    BUSY_SINCE = :threaded_proxy_machine_busy_since
+    # Seconds past route_timeout before a busy thread counts as stuck.
+    STUCK_MARGIN = 1.0
+    BACKTRACE_LINES = 20
+
+    attr_reader :host
+
+    # Set by at_exit (below): the VM is about to kill every thread, so a
+    # dying machine thread must not start a replacement.
+    def self.exiting!
+      @exiting = true
+    end
+
+    def self.exiting?
+      @exiting == true
+    end
+
+    REGISTRY_LOCK = Mutex.new
+    private_constant :REGISTRY_LOCK
+    @running = []
+
+    # The machines started in this process and not stopped (one inherited
+    # through fork is not: its runtime stayed in the parent).
+    def self.running
+      REGISTRY_LOCK.synchronize { @running.filter_map { |pid, machine| machine if pid == Process.pid } }
+    end
+
+    def self.register(machine, add)
+      REGISTRY_LOCK.synchronize do
+        @running.reject! { |_pid, m| m.equal?(machine) }
+        @running << [Process.pid, machine] if add
+      end
+    end
+
+    # For ThreadedProxy::Metrics: `[["machine_<stat>", number], …]`, each
+    # stat summed over this process's running machines (nothing when none
+    # runs).
+    def self.metric_values
+      totals = Hash.new(0)
+      running.each { |machine| machine.stats.each { |name, value| totals[name] += value if value.is_a?(Numeric) } }
+      totals.map { |name, value| ["machine_#{name}", value] }
+    end
+
+    def initialize(host: "127.0.0.1", port: 0, max_route_bytes: 64 * 1024, route_timeout: 5.0, connect_timeout: 10.0,
+                   threads: 2, reuse_port: false, logger: nil, on_connect_error: nil, on_inactivity_error: nil,
+                   &router)
+      raise ArgumentError, "Machine.new needs a routing block" unless router
+      raise ArgumentError, "port must be an Integer in 0..65535" unless port.is_a?(Integer) && port.between?(0, 65_535)
+      { max_route_bytes:, threads: }.each do |name, value|
+        raise ArgumentError, "#{name} must be a positive Integer" unless value.is_a?(Integer) && value.positive?
+      end
+      { route_timeout:, connect_timeout: }.each do |name, value|
+        raise ArgumentError, "#{name} must be a positive number" unless value.is_a?(Numeric) && value.positive?
+      end
+
+      @host = host.to_s
+      @port = port
+      @options = { host: @host, port:, max_route_bytes:, route_timeout: Float(route_timeout),
+                   connect_timeout: Float(connect_timeout), reuse_port: reuse_port ? true : false }
+      @router = router
+      @thread_count = threads
+      @logger = logger
+      @on_connect_error = on_connect_error
+      @on_inactivity_error = on_inactivity_error
+      @mutex = Mutex.new
+      @watch = ConditionVariable.new
+      @threads = []
+      @replaced = 0
+      @native = nil
+      @closed = false
+    end
+
+    # Binds and starts accepting; returns once the port listens. Raises
+    # IOError when it cannot (port taken, unknown host).
+    def start
+      @mutex.synchronize do
+        raise Error, "this machine was already started" if @native
+
+        ThreadedProxy.ensure_configured
+        @native = Native::Machine.start(@options)
+        @threads = Array.new(@thread_count) { |i| spawn_thread(i) }
+        @watcher = Thread.new do
+          Thread.current.name = "threaded-proxy-machine-watcher"
+          watch
+        end
+      end
+      self.class.register(self, true)
+      self
+    end
+
+    # The port listened on (the one picked when `port: 0` was asked).
+    def port
+      @native ? @native.port : @port
+    end
+
+    # Waits up to `timeout` seconds until no connection is open; true when
+    # none is.
+    def wait_idle(timeout)
+      @native ? @native.wait_idle(Float(timeout)) : true
+    end
+
+    def running?
+      !@native.nil? && !@closed
+    end
+
+    # Stops accepting, waits up to `timeout` seconds (nil: as long as it
+    # takes) for the open connections to end, then closes the rest. True
+    # when every connection ended by itself.
+    def stop(timeout = 10)
+      native = @native
+      return true if native.nil? || @closed
+
+      native.stop_accepting
+      drained = if timeout.nil?
+                  nil until native.wait_idle(60)
+                  true
+                else
+                  native.wait_idle(Float(timeout))
+                end
+      unless drained
+        native.cut
+        native.wait_idle(2)
+      end
+      close_threads(native)
+      self.class.register(self, false)
+      drained
+    end
+
+    # Counters: accepted, open, routed, closed_by_block, connect_errors,
+    # inactivity_cuts, route_failures, route_overflows, bytes_to_remote,
+    # bytes_to_client, bytes_spliced, route_calls, route_seconds (the
+    # block's time, summed), jobs_queued, threads_alive, threads_replaced.
+    def stats
+      native = @native
+      return {} unless native
+
+      stats = native.stats
+      stats[:route_seconds] = stats.delete(:route_nanos) / 1e9
+      @mutex.synchronize do
+        stats[:threads_alive] = @closed ? 0 : @threads.count(&:alive?)
+        stats[:threads_replaced] = @replaced
+      end
+      stats
+    end
+
+    private
+
+    def close_threads(native)
+      threads = @mutex.synchronize do
+        @closed = true
+        native.close_jobs
+        @watch.broadcast
+        @threads + [@watcher].compact
+      end
+      threads.each { |t| t.join(2) unless t.equal?(Thread.current) }
+    end
+
+    # Called with @mutex held; the thread waits for the lock first, so it
+    # finds itself in its slot.
+    def spawn_thread(index)
+      Thread.new do
+        Thread.current.name = "threaded-proxy-machine-#{index}"
+        @mutex.synchronize { nil }
+        run(index)
+      end
+    end
+
+    def run(index)
+      me = Thread.current
+      job = nil
+      while @threads[index].equal?(me) && !@closed
+        job = @native.next_job(nil)
+        next if job.nil? # closed (the loop ends) or interrupted
+
+        me.thread_variable_set(BUSY_SINCE, Process.clock_gettime(Process::CLOCK_MONOTONIC))
+        handle(job)
+        me.thread_variable_set(BUSY_SINCE, nil)
+        job = nil
+      end
+    rescue Exception => e # rubocop:disable Lint/RescueException -- never end the process from here
+      log(:error, "[threaded-proxy] machine thread #{index} failed: #{e.class}: #{e.message}")
+    ensure
+      retire(index, job)
+    end
+
+    # The thread ends: a replacement takes its slot unless the machine
+    # stops, and a job it left unanswered closes its connection now.
+    def retire(index, job)
+      @mutex.synchronize do
+        if !@closed && !self.class.exiting? && @threads[index].equal?(Thread.current)
+          @threads[index] = spawn_thread(index)
+          @replaced += 1
+        end
+      end
+      return unless job && !job.answered?
+
+      log(:error, "[threaded-proxy] the routing block ended its thread (Thread#kill or similar); " \
+                  "connection closed, thread replaced")
+      job.fail
+    end
+
+    def handle(job)
+      case job.kind
+      when "route" then answer(job, @router.call(job.data))
+      when "connect_error" then @on_connect_error&.call(job.remote)
+      when "inactivity" then @on_inactivity_error&.call(job.remote)
+      when "log" then log(:warn, "[threaded-proxy] machine: #{job.data}")
+      end
+    rescue Exception => e # rubocop:disable Lint/RescueException -- `exit` in a block must not stop the server
+      log_exception(job, e)
+      job.fail unless job.answered?
+    end
+
+    # ProxyMachine's answers; anything else closes the connection.
+    def answer(job, commands)
+      return garbage(job, commands) unless commands.is_a?(Hash)
+
+      if commands[:noop] == true
+        job.noop
+      elsif commands.key?(:close)
+        close = commands[:close]
+        return job.close(nil) if close == true
+        return job.close(close) if close.is_a?(String)
+
+        garbage(job, commands, "close: must be true or a String")
+      elsif commands[:remote].is_a?(String)
+        route(job, commands)
+      else
+        garbage(job, commands)
+      end
+    end
+
+    def route(job, commands)
+      extra = commands.keys - REMOTE_KEYS
+      return garbage(job, commands, "unknown keys #{extra.inspect}") unless extra.empty?
+
+      %i[data reply].each do |key|
+        value = commands[key]
+        return garbage(job, commands, "#{key}: must be a String") unless value.nil? || value.is_a?(String)
+      end
+      options = commands.slice(*REMOTE_KEYS)
+      %i[connect_timeout inactivity_timeout].each do |key|
+        value = options[key]
+        next if value.nil?
+        return garbage(job, commands, "#{key}: must be a positive number") unless value.is_a?(Numeric) && value.positive?
+
+        options[key] = Float(value)
+      end
+      job.route(options)
+    rescue ArgumentError => e # the remote's form, checked in Rust
+      garbage(job, commands, e.message)
+    end
+
+    def garbage(job, commands, why = "not a routing answer")
+      shown = commands.inspect
+      shown = "#{shown[0, 200]}…" if shown.size > 200
+      log(:error, "[threaded-proxy] the routing block answered #{shown} (#{why}); connection closed")
+      job.fail
+    end
+
+    # Every quarter of route_timeout: a thread whose block has run past
+    # route_timeout (Rust closed that connection already) leaves its slot
+    # to a new thread, so a hung block cannot starve the others.
+    def watch
+      limit = @options[:route_timeout]
+      loop do
+        stuck = @mutex.synchronize do
+          @watch.wait(@mutex, limit / 4)
+          replace_stuck(limit) unless @closed
+        end
+        break unless stuck
+
+        stuck.each do |thread, seconds|
+          where = (thread.backtrace || []).reject { |l| l.include?(__FILE__) }.first(5).join("\n  ")
+          log(:error, "[threaded-proxy] a routing block has run #{format("%.1f", seconds)}s, past route_timeout " \
+                      "(#{limit}s), on #{thread.name}; its connection was closed, the thread replaced; " \
+                      "it is at:\n  #{where}")
+        end
+      end
+    rescue Exception => e # rubocop:disable Lint/RescueException
+      warn("[threaded-proxy] machine watcher failed: #{e.class}: #{e.message}")
+    end
+
+    # Called with @mutex held.
+    def replace_stuck(limit)
+      now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+      @threads.each_with_index.filter_map do |thread, index|
+        since = thread.thread_variable_get(BUSY_SINCE)
+        next unless since && now - since > limit + STUCK_MARGIN
+
+        thread.thread_variable_set(BUSY_SINCE, nil)
+        @threads[index] = spawn_thread(index)
+        @replaced += 1
+        [thread, now - since]
+      end
+    end
+
+    def log_exception(job, exception)
+      what = { "route" => "the routing block", "connect_error" => "proxy_connect_error",
+               "inactivity" => "proxy_inactivity_error" }.fetch(job.kind, "the machine's logger")
+      lines = ["[threaded-proxy] #{what} raised #{exception.class}: #{exception.message}" \
+               "#{"; connection closed" if job.kind == "route"}"]
+      lines.concat((exception.backtrace || []).first(BACKTRACE_LINES).map { |l| "  #{l}" })
+      log(:error, lines.join("\n"))
+    end
+
+    # A logger that raises must not take a thread down.
+    def log(level, text)
+      logger = @logger.respond_to?(:call) ? @logger.call : @logger
+      logger ||= ThreadedProxy.configuration.logger_or_default
+      logger ? logger.public_send(level, text) : warn(text)
+    rescue StandardError => e
+      warn("[threaded-proxy] the logger raised #{e.class}: #{e.message}; the line was: #{text}")
+    end
+  end
+end
+
+# Runs before the VM kills the remaining threads at exit.
+at_exit { ThreadedProxy::Machine.exiting! }
