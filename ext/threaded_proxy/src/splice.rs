@@ -26,6 +26,19 @@ use crate::errors::ProxyError;
 use crate::handoff;
 use crate::stats::Meter;
 
+/// What a splice reports as each piece reaches the destination: an
+/// exchange's `Meter` (origin and client bytes, stats), or a machine
+/// connection's counters (bytes one way, its inactivity clock).
+pub trait Spliced {
+    fn spliced(&self, n: u64);
+}
+
+impl Spliced for Meter {
+    fn spliced(&self, n: u64) {
+        Meter::spliced(self, n)
+    }
+}
+
 /// Bodies below this size are copied: a pipe and a second registration of
 /// the client socket cost more than copying a few pages.
 pub const MIN_BODY: u64 = 128 * 1024;
@@ -125,7 +138,7 @@ impl Splicer {
         origin: &TcpStream,
         length: u64,
         idle: Duration,
-        meter: &Meter,
+        meter: &impl Spliced,
     ) -> Result<(), SpliceEnd> {
         let mut to_read = length;
         let mut in_pipe = 0usize;
@@ -230,7 +243,7 @@ impl Splicer {
         _origin: &TcpStream,
         _length: u64,
         _idle: Duration,
-        _meter: &Meter,
+        _meter: &impl Spliced,
     ) -> Result<(), SpliceEnd> {
         match self.0 {}
     }

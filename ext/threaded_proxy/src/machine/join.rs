@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::{Job, Machine, Remote};
-use crate::splice::{SpliceEnd, Splicer};
+use crate::splice::{SpliceEnd, Spliced, Splicer};
 
 /// Per direction when copying (splice uses a pipe instead).
 const COPY_BUFFER: usize = 64 * 1024;
@@ -179,6 +179,25 @@ async fn both_ways_spliced(
     })
 }
 
+/// What one spliced direction counts: its bytes, the machine's spliced
+/// total, and the activity that keeps the connection from going inactive.
+struct OneWay<'a> {
+    /// The machine whose stats count spliced bytes.
+    machine: &'a Machine,
+    /// The inactivity clock both directions share.
+    activity: &'a Activity,
+    /// This direction's byte counter (to the remote or to the client).
+    count: &'a AtomicU64,
+}
+
+impl Spliced for OneWay<'_> {
+    fn spliced(&self, n: u64) {
+        self.activity.touch();
+        self.count.fetch_add(n, Relaxed);
+        self.machine.stats.bytes_spliced.fetch_add(n, Relaxed);
+    }
+}
+
 /// `from` → `to` until `from`'s EOF, which is passed on as a half-close.
 async fn one_way(
     machine: &Machine,
@@ -188,12 +207,12 @@ async fn one_way(
     to: &TcpStream,
     count: &AtomicU64,
 ) -> Result<(), End> {
-    let mut moved = |n: u64| {
-        activity.touch();
-        count.fetch_add(n, Relaxed);
-        machine.stats.bytes_spliced.fetch_add(n, Relaxed);
+    let moved = OneWay {
+        machine,
+        activity,
+        count,
     };
-    match splicer.copy(from, u64::MAX, FOREVER, &mut moved).await {
+    match splicer.copy(from, u64::MAX, FOREVER, &moved).await {
         Err(SpliceEnd::OriginClosed(_)) | Ok(()) => {
             let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
             Ok(())
