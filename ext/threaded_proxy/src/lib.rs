@@ -46,8 +46,13 @@
 //! - `stats`: the process-wide counters, and the per-exchange `Meter` that
 //!   the client writer, the splice and the tunnel count bytes through.
 //! - `errors`: the error type and what Ruby gets of it.
-//! - `events`: `stream_events`/`publish`: SSE streams fed from Ruby (the
-//!   hub, the wire format, the replay ring, one task per stream).
+//! - `events`: `stream_events`/`publish`: SSE streams fed from Ruby; the
+//!   hub (channel → subscribers) in `events/mod.rs`.
+//!   - `events::encode`: the SSE wire format, encoded once per event.
+//!   - `events::replay`: the per-channel ring for `Last-Event-ID`.
+//!   - `events::subscriber`: one subscriber's bounded queue.
+//!   - `events::stream`: one task per stream (head, events, heartbeat, EOF).
+//!   - `events::postgres`: `events_url`: NOTIFY out, LISTEN in, catch-up.
 //! - `machine`: the ProxyMachine-style TCP router (`route`: buffer and ask
 //!   the block; `join`: connect and join both ways).
 //! - `metrics`: the Prometheus text exposition and latency histograms.
