@@ -27,7 +27,7 @@ module ThreadedProxy
     def start
       ThreadedProxy.ensure_configured
       Events.listen
-      io = hijack
+      io = Hijack.take(@env)
       return start_on_socket(io) if io
 
       start_in_request_thread
@@ -70,19 +70,6 @@ module ThreadedProxy
         theirs.close # Rust has its own duplicate; the reader needs the EOF
       end
       ResponseReader.new(ours).rack_response
-    end
-
-    # The client IO, or nil where the server cannot hand it over safely
-    # (the same rules as Exchange#hijack: no hijack, or Puma over TLS).
-    def hijack
-      return nil unless @env["rack.hijack?"] && @env["rack.hijack"].respond_to?(:call)
-
-      socket = @env["puma.socket"]
-      return nil if socket && !socket.is_a?(BasicSocket)
-
-      io = @env["rack.hijack"].call
-      io = @env["rack.hijack_io"] unless io.respond_to?(:fileno)
-      io
     end
 
     def check_retry(value)

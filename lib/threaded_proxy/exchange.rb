@@ -41,7 +41,7 @@ module ThreadedProxy
     def start
       ThreadedProxy.ensure_configured
       spec = native_spec
-      io = hijack
+      io = Hijack.take(@env)
       return start_on_socket(io, spec) if io
       raise Error, "proxy_tunnel needs a server with rack.hijack (Puma over plain TCP)" if @tunnel
 
@@ -127,19 +127,6 @@ module ThreadedProxy
       return @reported if defined?(@reported)
 
       @reported = @callbacks.any? || Dispatcher.instrumented?
-    end
-
-    # The client IO, or nil when this server cannot hand it over safely.
-    def hijack
-      return nil unless @env["rack.hijack?"] && @env["rack.hijack"].respond_to?(:call)
-      # Puma over TLS gives a MiniSSL socket: raw bytes on its fd would
-      # break the TLS stream.
-      socket = @env["puma.socket"]
-      return nil if socket && !socket.is_a?(BasicSocket)
-
-      io = @env["rack.hijack"].call
-      io = @env["rack.hijack_io"] unless io.respond_to?(:fileno)
-      io
     end
 
     # The exchange as Rust is told it (ExchangeSpec, the one builder).
