@@ -33,11 +33,6 @@ module ThreadedProxy
     # has thousands).
     BACKTRACE_LINES = 30
 
-    # Thread variable: monotonic time the thread's current job started.
-    BUSY_SINCE = :threaded_proxy_busy_since
-    # Seconds past callback_timeout before a busy thread counts as stuck.
-    STUCK_MARGIN = 1.0
-
     INSTANCE_LOCK = Mutex.new
     private_constant :INSTANCE_LOCK
 
@@ -54,25 +49,13 @@ module ThreadedProxy
         ::ActiveSupport::Notifications.notifier.listening?("threaded_proxy.fetch")
     end
 
-    # Set by at_exit (below): the VM is about to kill every thread, so a
-    # dying callback thread must not start a replacement (that would loop).
-    def self.exiting!
-      @exiting = true
-    end
-
-    def self.exiting?
-      @exiting == true
-    end
-
     def initialize
       @mutex = Mutex.new
       @records = {}
       @next_id = 0
-      @threads = []
-      @stuck = []
-      @replaced = 0
-      @watch = ConditionVariable.new
-      @watcher = nil
+      # This process's callback threads (JobThreads), started on first use.
+      @threads = nil
+      # The process that started @threads: a forked child starts its own.
       @pid = nil
     end
 
@@ -100,24 +83,20 @@ module ThreadedProxy
     # alive, how many were replaced (died, or stuck in a callback past
     # callback_timeout) and how many stuck ones still run their callback.
     def thread_stats
-      @mutex.synchronize do
-        ours = @pid == Process.pid
-        @stuck.select!(&:alive?)
-        { callback_threads_alive: ours ? @threads.count(&:alive?) : 0, callback_threads_replaced: @replaced,
-          callback_threads_stuck: ours ? @stuck.size : 0 }
-      end
+      threads, ours = @mutex.synchronize { [@threads, @pid == Process.pid] }
+      stats = threads&.stats || { alive: 0, replaced: 0, stuck: 0 }
+      { callback_threads_alive: ours ? stats[:alive] : 0, callback_threads_replaced: stats[:replaced],
+        callback_threads_stuck: ours ? stats[:stuck] : 0 }
     end
 
     def stop
-      @mutex.synchronize do
-        Native.close_callbacks
-        threads = @threads + [@watcher].compact
-        @threads = []
-        @watcher = nil
+      threads = @mutex.synchronize do
         @pid = nil
-        @watch.broadcast
-        threads
-      end.each { |t| t.join(2) }
+        @threads
+      end
+      return Native.close_callbacks unless threads
+
+      threads.stop { Native.close_callbacks }
     end
 
     private
@@ -127,107 +106,31 @@ module ThreadedProxy
     def start_threads
       @records = {}
       @pid = Process.pid
-      count = ThreadedProxy.configuration.callback_threads
-      @stuck = []
-      @threads = Array.new(count) { |i| spawn_thread(i) }
-      pid = @pid
-      @watcher = Thread.new do
-        Thread.current.name = "threaded-proxy-callback-watcher"
-        watch(pid)
-      end
+      @threads = JobThreads.new(
+        name: "threaded-proxy-callbacks", count: ThreadedProxy.configuration.callback_threads,
+        timeout: ThreadedProxy.configuration.callback_timeout,
+        take: -> { Native.next_job(nil) }, run: method(:handle), lost: method(:lost),
+        stuck: method(:log_stuck), log: method(:warn)
+      ).start
     end
 
-    # Called with @mutex held, and the caller stores the thread in
-    # @threads[index] before it lets go: the thread waits for the lock
-    # first, so it always finds itself in its slot.
-    def spawn_thread(index)
-      pid = @pid
-      Thread.new do
-        Thread.current.name = "threaded-proxy-callbacks-#{index}"
-        Thread.current.report_on_exception = true
-        @mutex.synchronize { nil }
-        run(index, pid)
-      end
-    end
-
-    # Runs jobs until the dispatcher stops or the watcher gave this
-    # thread's slot to another (it was stuck in a callback).
-    def run(index, pid)
-      job = nil
-      me = Thread.current
-      while @pid == pid && @threads[index].equal?(me)
-        job = Native.next_job(nil)
-        next if job.nil? # interrupted: a pending Thread#raise/kill fires now
-
-        me.thread_variable_set(BUSY_SINCE, Process.clock_gettime(Process::CLOCK_MONOTONIC))
-        handle(job)
-        me.thread_variable_set(BUSY_SINCE, nil)
-        job = nil
-      end
-    rescue Exception => e # rubocop:disable Lint/RescueException
-      # Outside any callback (a Thread#raise while waiting, a logger that
-      # raised): never let it end the process (a thread's SystemExit would).
-      warn("[threaded-proxy] callback thread #{index} failed: #{e.class}: #{e.message}")
-    ensure
-      retire(index, pid, job)
-    end
-
-    # The thread is ending: unless the dispatcher stops, a replacement takes
-    # its place first (so the client's 500 never arrives before it), then
-    # the job it was running, if any and unanswered, fails now.
-    def retire(index, pid, job)
-      record = @mutex.synchronize do
-        if @pid == pid && !self.class.exiting? && @threads[index].equal?(Thread.current)
-          @threads[index] = spawn_thread(index)
-          @replaced += 1
-        end
-        job && @records[job.exchange_id]
-      end
-      return unless job # set while a job runs: the thread ended inside a callback
-
+    # The job's thread ended inside its callback (a replacement already
+    # took its place): the job fails now unless it was answered.
+    def lost(job)
+      record = @mutex.synchronize { @records[job.exchange_id] }
       message = "#{CALLBACKS[job.kind]} ended its callback thread (Thread#kill or similar)"
       log_line("[threaded-proxy] #{message} for #{where(record, job)}; the thread was replaced")
       job.fail(message) unless job.answered?
     end
 
-    # Every quarter of callback_timeout: a thread whose callback has run
-    # longer than callback_timeout and one more second (Rust has failed that
-    # exchange by then, and dropped what was queued behind it) leaves its
-    # slot to a new thread and finishes its callback on its own; the log
-    # shows where it is stuck.
-    def watch(pid)
+    # A callback ran past callback_timeout (Rust has failed that exchange
+    # and dropped what was queued behind it): its thread left its slot to a
+    # new one and finishes the callback on its own; the log shows where.
+    def log_stuck(thread, seconds)
       limit = Float(ThreadedProxy.configuration.callback_timeout)
-      loop do
-        stuck = @mutex.synchronize do
-          @watch.wait(@mutex, limit / 4)
-          replace_stuck(limit) if @pid == pid && !self.class.exiting?
-        end
-        break unless stuck
-
-        stuck.each { |thread, seconds| log_stuck(thread, seconds, limit) }
-      end
-    rescue Exception => e # rubocop:disable Lint/RescueException
-      warn("[threaded-proxy] callback watcher failed: #{e.class}: #{e.message}") if @pid == pid
-    end
-
-    def log_stuck(thread, seconds, limit)
-      where = (thread.backtrace || []).reject { |l| l.include?(__FILE__) }.first(5).join("\n  ")
       log_line("[threaded-proxy] a callback has run #{format("%.1f", seconds)}s, past callback_timeout " \
-               "(#{limit}s), on #{thread.name}; its exchange failed, the thread was replaced; it is at:\n  #{where}")
-    end
-
-    # Called with @mutex held; returns [[thread, seconds busy], …].
-    def replace_stuck(limit)
-      now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
-      @threads.each_with_index.filter_map do |thread, index|
-        since = thread.thread_variable_get(BUSY_SINCE)
-        next unless since && now - since > limit + STUCK_MARGIN
-
-        @stuck << thread
-        @threads[index] = spawn_thread(index)
-        @replaced += 1
-        [thread, now - since]
-      end
+               "(#{limit}s), on #{thread.name}; its exchange failed, the thread was replaced; it is at:\n  " \
+               "#{JobThreads.where(thread)}")
     end
 
     def handle(job)
@@ -377,5 +280,3 @@ module ThreadedProxy
   end
 end
 
-# Runs before the VM kills the remaining threads at exit.
-at_exit { ThreadedProxy::Dispatcher.exiting! }

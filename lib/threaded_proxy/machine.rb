@@ -28,23 +28,9 @@ module ThreadedProxy
   class Machine
     # ProxyMachine's answer keys that come with `remote:`.
     REMOTE_KEYS = %i[remote data reply connect_timeout inactivity_timeout].freeze
-    # Thread variable: monotonic time the thread's current job started.
-    BUSY_SINCE = :threaded_proxy_machine_busy_since
-    # Seconds past route_timeout before a busy thread counts as stuck.
-    STUCK_MARGIN = 1.0
     BACKTRACE_LINES = 20
 
     attr_reader :host
-
-    # Set by at_exit (below): the VM is about to kill every thread, so a
-    # dying machine thread must not start a replacement.
-    def self.exiting!
-      @exiting = true
-    end
-
-    def self.exiting?
-      @exiting == true
-    end
 
     REGISTRY_LOCK = Mutex.new
     private_constant :REGISTRY_LOCK
@@ -94,9 +80,8 @@ module ThreadedProxy
       @on_connect_error = on_connect_error
       @on_inactivity_error = on_inactivity_error
       @mutex = Mutex.new
-      @watch = ConditionVariable.new
-      @threads = []
-      @replaced = 0
+      # The routing threads (JobThreads), from start to stop.
+      @threads = nil
       @native = nil
       @closed = false
     end
@@ -109,11 +94,12 @@ module ThreadedProxy
 
         ThreadedProxy.ensure_configured
         @native = Native::Machine.start(@options)
-        @threads = Array.new(@thread_count) { |i| spawn_thread(i) }
-        @watcher = Thread.new do
-          Thread.current.name = "threaded-proxy-machine-watcher"
-          watch
-        end
+        native = @native
+        @threads = JobThreads.new(
+          name: "threaded-proxy-machine", count: @thread_count, timeout: @options[:route_timeout],
+          take: -> { native.next_job(nil) }, run: method(:handle), lost: method(:lost),
+          stuck: method(:log_stuck), log: ->(text) { log(:error, text) }
+        ).start
       end
       self.class.register(self, true)
       self
@@ -167,67 +153,36 @@ module ThreadedProxy
 
       stats = native.stats
       stats[:route_seconds] = stats.delete(:route_nanos) / 1e9
-      @mutex.synchronize do
-        stats[:threads_alive] = @closed ? 0 : @threads.count(&:alive?)
-        stats[:threads_replaced] = @replaced
-      end
+      threads = @threads.stats
+      stats[:threads_alive] = @closed ? 0 : threads[:alive]
+      stats[:threads_replaced] = threads[:replaced]
       stats
     end
 
     private
 
     def close_threads(native)
-      threads = @mutex.synchronize do
-        @closed = true
-        native.close_jobs
-        @watch.broadcast
-        @threads + [@watcher].compact
-      end
-      threads.each { |t| t.join(2) unless t.equal?(Thread.current) }
+      @mutex.synchronize { @closed = true }
+      @threads.stop { native.close_jobs }
     end
 
-    # Called with @mutex held; the thread waits for the lock first, so it
-    # finds itself in its slot.
-    def spawn_thread(index)
-      Thread.new do
-        Thread.current.name = "threaded-proxy-machine-#{index}"
-        @mutex.synchronize { nil }
-        run(index)
-      end
-    end
-
-    def run(index)
-      me = Thread.current
-      job = nil
-      while @threads[index].equal?(me) && !@closed
-        job = @native.next_job(nil)
-        next if job.nil? # closed (the loop ends) or interrupted
-
-        me.thread_variable_set(BUSY_SINCE, Process.clock_gettime(Process::CLOCK_MONOTONIC))
-        handle(job)
-        me.thread_variable_set(BUSY_SINCE, nil)
-        job = nil
-      end
-    rescue Exception => e # rubocop:disable Lint/RescueException -- never end the process from here
-      log(:error, "[threaded-proxy] machine thread #{index} failed: #{e.class}: #{e.message}")
-    ensure
-      retire(index, job)
-    end
-
-    # The thread ends: a replacement takes its slot unless the machine
-    # stops, and a job it left unanswered closes its connection now.
-    def retire(index, job)
-      @mutex.synchronize do
-        if !@closed && !self.class.exiting? && @threads[index].equal?(Thread.current)
-          @threads[index] = spawn_thread(index)
-          @replaced += 1
-        end
-      end
-      return unless job && !job.answered?
+    # The routing block ended its thread (a replacement took its place): a
+    # job it left unanswered closes its connection now.
+    def lost(job)
+      return if job.answered?
 
       log(:error, "[threaded-proxy] the routing block ended its thread (Thread#kill or similar); " \
                   "connection closed, thread replaced")
       job.fail
+    end
+
+    # A block ran past route_timeout (Rust closed that connection already):
+    # its thread left its slot to a new one, so a hung block cannot starve
+    # the others.
+    def log_stuck(thread, seconds)
+      log(:error, "[threaded-proxy] a routing block has run #{format("%.1f", seconds)}s, past route_timeout " \
+                  "(#{@options[:route_timeout]}s), on #{thread.name}; its connection was closed, the thread " \
+                  "replaced; it is at:\n  #{JobThreads.where(thread)}")
     end
 
     def handle(job)
@@ -289,43 +244,6 @@ module ThreadedProxy
       job.fail
     end
 
-    # Every quarter of route_timeout: a thread whose block has run past
-    # route_timeout (Rust closed that connection already) leaves its slot
-    # to a new thread, so a hung block cannot starve the others.
-    def watch
-      limit = @options[:route_timeout]
-      loop do
-        stuck = @mutex.synchronize do
-          @watch.wait(@mutex, limit / 4)
-          replace_stuck(limit) unless @closed
-        end
-        break unless stuck
-
-        stuck.each do |thread, seconds|
-          where = (thread.backtrace || []).reject { |l| l.include?(__FILE__) }.first(5).join("\n  ")
-          log(:error, "[threaded-proxy] a routing block has run #{format("%.1f", seconds)}s, past route_timeout " \
-                      "(#{limit}s), on #{thread.name}; its connection was closed, the thread replaced; " \
-                      "it is at:\n  #{where}")
-        end
-      end
-    rescue Exception => e # rubocop:disable Lint/RescueException
-      warn("[threaded-proxy] machine watcher failed: #{e.class}: #{e.message}")
-    end
-
-    # Called with @mutex held.
-    def replace_stuck(limit)
-      now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
-      @threads.each_with_index.filter_map do |thread, index|
-        since = thread.thread_variable_get(BUSY_SINCE)
-        next unless since && now - since > limit + STUCK_MARGIN
-
-        thread.thread_variable_set(BUSY_SINCE, nil)
-        @threads[index] = spawn_thread(index)
-        @replaced += 1
-        [thread, now - since]
-      end
-    end
-
     def log_exception(job, exception)
       what = { "route" => "the routing block", "connect_error" => "proxy_connect_error",
                "inactivity" => "proxy_inactivity_error" }.fetch(job.kind, "the machine's logger")
@@ -346,5 +264,3 @@ module ThreadedProxy
   end
 end
 
-# Runs before the VM kills the remaining threads at exit.
-at_exit { ThreadedProxy::Machine.exiting! }
