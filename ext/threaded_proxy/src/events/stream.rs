@@ -176,7 +176,13 @@ impl Job<'_> {
             return;
         }
         drop(head);
+        // The silence deadline moves with every write as a plain Instant;
+        // the timer stays armed where it was and, firing early, is re-armed
+        // once for the moved deadline. (Resetting it per event would be a
+        // timer-wheel update per event per subscriber in a fan-out.)
         let mut quiet_until = Instant::now() + self.heartbeat;
+        let heartbeat = tokio::time::sleep_until(quiet_until);
+        tokio::pin!(heartbeat);
         loop {
             match self.sub.pop() {
                 Pop::Event(event) => {
@@ -192,7 +198,11 @@ impl Job<'_> {
             }
             tokio::select! {
                 _ = self.sub.woken() => {}
-                _ = tokio::time::sleep_until(quiet_until) => {
+                _ = &mut heartbeat => {
+                    if Instant::now() < quiet_until {
+                        heartbeat.as_mut().reset(quiet_until);
+                        continue;
+                    }
                     if self.end_when_idle {
                         let _ = w.shutdown().await;
                         return;
@@ -201,6 +211,7 @@ impl Job<'_> {
                         return;
                     }
                     quiet_until = Instant::now() + self.heartbeat;
+                    heartbeat.as_mut().reset(quiet_until);
                 }
                 n = r.read(&mut probe) => if !matches!(n, Ok(n) if n > 0) { return },
                 _ = cancel.changed() => return,
@@ -220,6 +231,9 @@ impl Job<'_> {
         let mut stalled_at = Instant::now() + self.stall;
         while !bytes.is_empty() {
             tokio::select! {
+                // The write first: one that completes at once (the usual
+                // case in a fan-out) never polls, so never arms, the timer.
+                biased;
                 res = w.write(bytes) => match res {
                     Ok(0) | Err(_) => return Err(Gone),
                     Ok(n) => {
@@ -306,5 +320,32 @@ mod tests {
         }
         assert_eq!(stats.slow_cuts.load(Relaxed), 0);
         assert_eq!(stats.delivered.load(Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_heartbeat_follows_the_last_write_not_the_first_timer() {
+        let (stats, sub) = (EventStats::default(), Subscriber::new(1, 1 << 20));
+        let (server, mut client) = duplex(4096);
+        let (r, w) = split(server);
+        let (_tx, cancel) = watch::channel(false);
+        let started = Instant::now();
+        let client_side = async {
+            let mut buf = [0u8; 64];
+            for (after, event) in [(0, &b"data: a\n\n"[..]), (600, b"data: b\n\n")] {
+                tokio::time::sleep(Duration::from_millis(after)).await;
+                sub.offer(&Bytes::copy_from_slice(event));
+                let n = client.read(&mut buf).await.unwrap();
+                assert_eq!(&buf[..n], event);
+            }
+            let n = client.read(&mut buf).await.unwrap();
+            assert_eq!(&buf[..n], HEARTBEAT);
+            started.elapsed()
+        };
+        let job = job(&sub, &stats);
+        tokio::select! {
+            _ = job.serve(r, w, Bytes::new(), cancel) => panic!("the stream ended"),
+            // 1 s of silence after the event at 0.6 s, not 1 s after the start.
+            elapsed = client_side => assert_eq!(elapsed, Duration::from_millis(1600)),
+        }
     }
 }
