@@ -189,6 +189,38 @@ RSpec.describe "event streams (stream_events, publish)" do
     end
   end
 
+  context "a subscriber whose write never progresses" do
+    before(:all) { @puma = PumaServer.new(threads: "1:1", env: { "EVENTS_QUEUE_BYTES" => 16 * 1024 * 1024 }).start }
+    after(:all) { @puma&.stop }
+    let(:puma) { @puma }
+
+    it "is cut as a slow subscriber once its write makes no progress for max(2 x heartbeat, 5 s), with no further publish" do
+      stuck = open_stream(puma, "channels=stuck&heartbeat=1", rcvbuf: 4096)
+      stuck.head
+      before = JSON.parse(RawHTTP.request("#{puma.url}/stats").body)
+      # 9 MiB, under the queue bound but past what the kernel's buffers hold
+      # (tcp_wmem's 4 MiB max plus a 4 KiB receive buffer): a write waits,
+      # and nothing else is published. (3 MiB each: Rack's 4 MiB form limit.)
+      published = Process.clock_gettime(Process::CLOCK_MONOTONIC) # the last progress comes after this
+      3.times { expect(publish(puma, "stuck", "x" * 3 * 1024 * 1024).last["count"]).to eq(1) }
+      stats = nil
+      deadline = published + 20
+      loop do
+        stats = JSON.parse(RawHTTP.request("#{puma.url}/stats").body)
+        break if stats["events_slow_disconnects"] > before["events_slow_disconnects"]
+        raise "the stuck reader was never cut" if Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
+
+        sleep 0.1
+      end
+      waited = Process.clock_gettime(Process::CLOCK_MONOTONIC) - published
+      expect(waited).to be_between(5, 12) # the 5 s floor (heartbeat 1 s), not at once, not never
+      expect(stats["events_slow_disconnects"]).to eq(before["events_slow_disconnects"] + 1)
+      expect(stats["events_streams_open"]).to eq(before["events_streams_open"] - 1)
+      expect(subscribers(puma, "stuck")).to eq(0)
+      expect(stuck.closed_by_server?(timeout: 10)).to be(true) # its fd is given back: EOF after the partial write
+    end
+  end
+
   context "past max_connections" do
     before(:all) { @puma = PumaServer.new(threads: "1:1", env: { "THREADED_PROXY_MAX_CONNECTIONS" => 2 }).start }
     after(:all) { @puma&.stop }

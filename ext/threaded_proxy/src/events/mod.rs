@@ -14,6 +14,13 @@
 //! or in its queue, never both, never neither); each stream's task writes
 //! its queue to its socket. One hub per process, rebuilt after fork like the
 //! runtime (an inherited hub lists the parent's streams).
+//!
+//! Forgetting: a channel with no subscriber is kept only for its ring, and
+//! only for a while: one unused (no publish, no subscriber) for
+//! [`IDLE_TTL`] is forgotten, and at most [`IDLE_CHANNELS`] such channels
+//! are kept (the least recently used go first), so many unique channels
+//! (`task:N`) cannot grow memory without bound. A channel with a subscriber
+//! is never forgotten.
 
 pub mod encode;
 pub mod postgres;
@@ -24,6 +31,7 @@ pub mod subscriber;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -31,13 +39,45 @@ use replay::Ring;
 use subscriber::Offer;
 pub use subscriber::Subscriber;
 
+/// A channel without subscribers unused this long is forgotten (its ring
+/// with it): a client reconnects within seconds (`retry:`), a few minutes
+/// covers a deploy or a network outage.
+pub const IDLE_TTL: Duration = Duration::from_secs(300);
+
+/// At most this many channels without subscribers are remembered; past it
+/// the least recently used are forgotten. Worst case memory for rings:
+/// this × `event_replay` × an event's size.
+pub const IDLE_CHANNELS: usize = 10_000;
+
 /// One channel: who listens, and what it keeps for replay.
-#[derive(Default)]
 struct Channel {
     /// The streams registered under this channel now.
     subscribers: Vec<Arc<Subscriber>>,
     /// The last events with an id, for `Last-Event-ID`.
     ring: Ring,
+    /// Its last publish or leave: how recently an idle channel was used.
+    touched: Instant,
+}
+
+impl Channel {
+    fn new(now: Instant) -> Channel {
+        Channel {
+            subscribers: Vec::new(),
+            ring: Ring::default(),
+            touched: now,
+        }
+    }
+}
+
+/// The channels, and when to look for idle ones to forget.
+struct Channels {
+    /// Channel name → its subscribers and ring.
+    map: HashMap<Box<str>, Channel>,
+    /// Channels that became idle (no subscriber, a ring) since the last
+    /// sweep: a sweep at `idle_cap / 2` keeps at most `idle_cap` idle.
+    became_idle: usize,
+    /// The next sweep for channels past the TTL, even under the cap.
+    sweep_at: Instant,
 }
 
 /// Counters behind the `events_*` stats (plain atomics).
@@ -62,6 +102,8 @@ pub struct EventStats {
     pub notified: AtomicU64,
     /// 1 while the LISTEN connection is up (events_url).
     pub listener_alive: AtomicU64,
+    /// Idle channels forgotten with their ring (TTL or cap).
+    pub channels_forgotten: AtomicU64,
     /// LISTEN connections lost or refused.
     pub listener_errors: AtomicU64,
     /// Events read from the table after a reconnect.
@@ -78,6 +120,7 @@ impl EventStats {
             ("events_delivered", self.delivered.load(Relaxed)),
             ("events_dropped", self.dropped.load(Relaxed)),
             ("events_slow_disconnects", self.slow_cuts.load(Relaxed)),
+            ("events_channels_forgotten", self.channels_forgotten.load(Relaxed)),
             ("events_notified", self.notified.load(Relaxed)),
             ("events_listener_alive", self.listener_alive.load(Relaxed)),
             ("events_listener_errors", self.listener_errors.load(Relaxed)),
@@ -90,10 +133,13 @@ impl EventStats {
 pub struct Hub {
     /// The process that built it (see [`hub`]).
     pid: u32,
-    /// Channel name → its subscribers and ring. One lock: a publish holds it
-    /// while it queues (a push per subscriber, no I/O), a stream while it
-    /// joins or leaves.
-    channels: Mutex<HashMap<Box<str>, Channel>>,
+    /// The channels. One lock: a publish holds it while it queues (a push
+    /// per subscriber, no I/O), a stream while it joins or leaves.
+    channels: Mutex<Channels>,
+    /// [`IDLE_TTL`] (shorter in tests).
+    idle_ttl: Duration,
+    /// [`IDLE_CHANNELS`] (smaller in tests).
+    idle_cap: usize,
     /// Ids for subscribers, so a leaving stream finds itself in the lists.
     next_id: AtomicU64,
     /// The counters.
@@ -130,9 +176,20 @@ pub fn existing() -> Option<&'static Hub> {
 
 impl Hub {
     pub fn new(pid: u32) -> Hub {
+        Hub::with_limits(pid, IDLE_TTL, IDLE_CHANNELS)
+    }
+
+    /// A hub that forgets idle channels after `idle_ttl` or past `idle_cap`.
+    pub fn with_limits(pid: u32, idle_ttl: Duration, idle_cap: usize) -> Hub {
         Hub {
             pid,
-            channels: Mutex::new(HashMap::new()),
+            channels: Mutex::new(Channels {
+                map: HashMap::new(),
+                became_idle: 0,
+                sweep_at: Instant::now() + idle_ttl / 4,
+            }),
+            idle_ttl,
+            idle_cap: idle_cap.max(2),
             next_id: AtomicU64::new(1),
             stats: EventStats::default(),
             replay: AtomicUsize::new(100),
@@ -148,8 +205,57 @@ impl Hub {
         self.replay.store(replay, Relaxed);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Channel>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Channels> {
         self.channels.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Channels remembered now (with subscribers or a ring).
+    pub fn channels(&self) -> usize {
+        self.lock().map.len()
+    }
+
+    /// Forgets idle channels when `idle_cap / 2` became idle since the last
+    /// sweep or a quarter TTL passed: one pass over the map per `idle_cap / 2`
+    /// new idle channels (amortised O(1) per publish), under the hub lock.
+    /// An idle channel goes after `idle_ttl` unused; past that, the least
+    /// recently used beyond `idle_cap / 2` go, so at most `idle_cap` are
+    /// ever idle.
+    fn sweep(&self, channels: &mut Channels, now: Instant) {
+        if channels.became_idle < self.idle_cap / 2 && now < channels.sweep_at {
+            return;
+        }
+        let before = channels.map.len();
+        let ttl = self.idle_ttl;
+        channels
+            .map
+            .retain(|_, c| !c.subscribers.is_empty() || now.saturating_duration_since(c.touched) < ttl);
+        let mut idle: Vec<Instant> = channels
+            .map
+            .values()
+            .filter(|c| c.subscribers.is_empty())
+            .map(|c| c.touched)
+            .collect();
+        let keep = self.idle_cap / 2;
+        if idle.len() > keep {
+            let forget = idle.len() - keep;
+            let (_, cutoff, _) = idle.select_nth_unstable(forget - 1);
+            let cutoff = *cutoff;
+            channels
+                .map
+                .retain(|_, c| !c.subscribers.is_empty() || c.touched > cutoff);
+        }
+        let forgotten = before - channels.map.len();
+        self.stats.channels_forgotten.fetch_add(forgotten as u64, Relaxed);
+        channels.became_idle = 0;
+        channels.sweep_at = now + ttl / 4;
+    }
+
+    /// Sweeps as if it were `now` (tests: a TTL passing without waiting).
+    #[cfg(test)]
+    fn sweep_now(&self, now: Instant) {
+        let mut channels = self.lock();
+        channels.became_idle = usize::MAX;
+        self.sweep(&mut channels, now);
     }
 
     /// Registers a new subscriber under `channels`. With `last_id`, first
@@ -162,9 +268,13 @@ impl Hub {
         queue_bytes: usize,
     ) -> Arc<Subscriber> {
         let sub = Arc::new(Subscriber::new(self.next_id.fetch_add(1, Relaxed), queue_bytes));
-        let mut map = self.lock();
+        let now = Instant::now();
+        let mut guard = self.lock();
+        let map = &mut guard.map;
         for name in channels {
-            let channel = map.entry(name.as_str().into()).or_default();
+            let channel = map
+                .entry(name.as_str().into())
+                .or_insert_with(|| Channel::new(now));
             if let Some(last_id) = last_id {
                 for event in channel.ring.since(last_id) {
                     // A replay larger than the queue bound cuts at once:
@@ -181,9 +291,13 @@ impl Hub {
     }
 
     /// Removes `sub` from `channels` (its stream ended). A channel left with
-    /// no subscriber and nothing to replay is forgotten.
+    /// no subscriber and nothing to replay is forgotten; one with a ring is
+    /// kept until it idles out (see [`Hub::sweep`]).
     pub fn unsubscribe(&self, channels: &[String], sub: &Subscriber) {
-        let mut map = self.lock();
+        let now = Instant::now();
+        let mut guard = self.lock();
+        let map = &mut guard.map;
+        let mut became_idle = 0;
         for name in channels {
             let Some(channel) = map.get_mut(name.as_str()) else {
                 continue;
@@ -191,11 +305,18 @@ impl Hub {
             if let Some(i) = channel.subscribers.iter().position(|s| s.id() == sub.id()) {
                 channel.subscribers.swap_remove(i);
             }
-            if channel.subscribers.is_empty() && channel.ring.is_empty() {
-                map.remove(name.as_str());
+            if channel.subscribers.is_empty() {
+                if channel.ring.is_empty() {
+                    map.remove(name.as_str());
+                } else {
+                    channel.touched = now;
+                    became_idle += 1;
+                }
             }
         }
-        drop(map);
+        guard.became_idle += became_idle;
+        self.sweep(&mut guard, now);
+        drop(guard);
         self.stats.dropped.fetch_add(sub.close(), Relaxed);
     }
 
@@ -204,14 +325,28 @@ impl Hub {
     /// many subscribers it was queued for.
     pub fn publish(&self, channel: &str, event: Bytes, id: Option<&str>, replay: usize) -> usize {
         self.stats.published.fetch_add(1, Relaxed);
-        let mut map = self.lock();
-        let found = match map.get_mut(channel) {
+        let now = Instant::now();
+        let mut guard = self.lock();
+        let channels = &mut *guard;
+        let found = match channels.map.get_mut(channel) {
             Some(found) => found,
-            None if id.is_some() && replay > 0 => map.entry(channel.into()).or_default(),
+            None if id.is_some() && replay > 0 => {
+                channels.became_idle += 1;
+                channels
+                    .map
+                    .entry(channel.into())
+                    .or_insert_with(|| Channel::new(now))
+            }
             None => return 0,
         };
+        found.touched = now;
         if let Some(id) = id {
             found.ring.push(id, event.clone(), replay);
+        }
+        if found.subscribers.is_empty() {
+            // Nothing to queue: only an idle channel's ring grew.
+            self.sweep(channels, now);
+            return 0;
         }
         let mut queued = 0;
         for sub in &found.subscribers {
@@ -224,12 +359,13 @@ impl Hub {
                 Offer::Closed => {}
             }
         }
+        self.sweep(channels, now);
         queued
     }
 
     /// Subscribers of `channel` now.
     pub fn subscribers(&self, channel: &str) -> usize {
-        self.lock().get(channel).map_or(0, |c| c.subscribers.len())
+        self.lock().map.get(channel).map_or(0, |c| c.subscribers.len())
     }
 }
 
@@ -290,5 +426,52 @@ mod tests {
             drain(&sub),
             [Bytes::from_static(b"id: 3\n\n"), Bytes::from_static(b"new")]
         );
+    }
+
+    #[test]
+    fn many_unique_channels_keep_at_most_the_cap_and_the_newest_still_replay() {
+        let hub = Hub::with_limits(0, IDLE_TTL, 10);
+        let listened = hub.subscribe(&["task:0".into()], None, 1 << 20);
+        for n in 0..1000 {
+            hub.publish(
+                &format!("task:{n}"),
+                Bytes::from(format!("id: {n}\n\n")),
+                Some("1"),
+                100,
+            );
+            assert!(hub.channels() <= 10 + 1, "{} channels after {n}", hub.channels());
+        }
+        assert!(hub.stats.channels_forgotten.load(Relaxed) >= 989);
+        // A channel with a subscriber is never forgotten, however old.
+        assert_eq!(hub.subscribers("task:0"), 1);
+        drop(listened);
+        let late = hub.subscribe(&["task:999".into()], Some("0"), 1 << 20);
+        assert_eq!(drain(&late), [Bytes::from_static(b"id: 999\n\n")]);
+        // The oldest idle ones went first: task:1 replays nothing now.
+        let early = hub.subscribe(&["task:1".into()], Some("0"), 1 << 20);
+        assert!(drain(&early).is_empty());
+    }
+
+    #[test]
+    fn an_idle_channel_is_forgotten_after_the_ttl_and_a_used_one_is_not() {
+        let ttl = Duration::from_secs(60);
+        let hub = Hub::with_limits(0, ttl, 1000);
+        for channel in ["old", "kept", "listened"] {
+            hub.publish(channel, Bytes::from_static(b"id: 1\n\n"), Some("1"), 10);
+        }
+        let sub = hub.subscribe(&["listened".into()], None, 1 << 20);
+        let left = hub.subscribe(&["left".into()], None, 1 << 20);
+        hub.publish("left", Bytes::from_static(b"id: 1\n\n"), Some("1"), 10);
+        hub.unsubscribe(&["left".into()], &left); // idle from now, ring kept
+        hub.sweep_now(Instant::now() + ttl / 2);
+        assert_eq!(hub.channels(), 4);
+        hub.sweep_now(Instant::now() + ttl - Duration::from_secs(1));
+        assert_eq!(hub.channels(), 4, "nothing is past the TTL yet");
+        hub.sweep_now(Instant::now() + ttl + Duration::from_millis(10));
+        // Every idle one is past the TTL now; the listened one stays.
+        assert_eq!(hub.channels(), 1);
+        assert_eq!(hub.subscribers("listened"), 1);
+        assert_eq!(hub.stats.channels_forgotten.load(Relaxed), 3);
+        drop(sub);
     }
 }
