@@ -3,6 +3,7 @@
 require "etc"
 require_relative "harness"
 require_relative "events_report"
+require_relative "machine_report"
 
 module Bench
   # What the run ran on, and whether something else was competing for the
@@ -112,6 +113,7 @@ module Bench
       out.concat(sse_table) if @scenarios["sse"]
       out.concat(small_table) if @scenarios["small"]
       out.concat(error_rows("events") || EventsReport.new(@scenarios["events"]).table) if @scenarios["events"]
+      out.concat(error_rows("machine") || MachineReport.new(@scenarios["machine"]).table) if @scenarios["machine"]
       out.concat(targets_table)
       out.concat(noise_lines)
       out.join("\n")
@@ -301,6 +303,8 @@ module Bench
       end
       e = @scenarios["events"]
       list.concat(EventsReport.new(e).targets) if e.is_a?(Hash) && !e["error"]
+      mr = @scenarios["machine"]
+      list.concat(MachineReport.new(mr).targets) if mr.is_a?(Hash) && !mr["error"]
       sm = @scenarios["small"]
       ROUTES.each do |key, route|
         next unless sm.is_a?(Hash) && (p = sm[key]) && (i = sm["inline"])

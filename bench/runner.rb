@@ -8,7 +8,7 @@ require_relative "scenarios"
 require_relative "report"
 
 module Bench
-  SCENARIO_ALIASES = { "1" => "download", "2" => "threads", "3" => "sse", "4" => "small", "5" => "events" }.freeze
+  SCENARIO_ALIASES = { "1" => "download", "2" => "threads", "3" => "sse", "4" => "small", "5" => "events", "6" => "machine" }.freeze
 
   module_function
 
@@ -36,6 +36,29 @@ module Bench
     nil
   end
 
+  # Installs Debian's haproxy with apt when it is missing (scenario 6
+  # compares the machine with it). Returns nil when it is there, else why
+  # it is not.
+  def ensure_haproxy
+    return nil if MachineScenario.haproxy_binary
+
+    warn "bench: haproxy is not installed; installing it with apt"
+    sudo = Process.uid.zero? ? [] : ["sudo"]
+    env = { "DEBIAN_FRONTEND" => "noninteractive" }
+    system(env, *sudo, "apt-get", "install", "-y", "--no-install-recommends", "haproxy") ||
+      (system(env, *sudo, "apt-get", "update") && system(env, *sudo, "apt-get", "install", "-y", "--no-install-recommends", "haproxy"))
+    return "apt-get install haproxy failed" unless MachineScenario.haproxy_binary
+
+    # The package may start the system service; it is not ours to stop.
+    system_haproxy = Dir.glob("/proc/[0-9]*/comm").count do |path|
+      File.read(path).strip == "haproxy"
+    rescue SystemCallError
+      false
+    end
+    warn "bench: the package started a system haproxy (#{system_haproxy} processes); it is left alone" if system_haproxy.positive?
+    nil
+  end
+
   # Run directories of runs that are over (their rake process is gone).
   def remove_stale_run_dirs
     Dir.glob(File.join(WORK, "run-*")).each do |dir|
@@ -58,13 +81,16 @@ module Bench
     [ORIGIN_BIN, LOADGEN_BIN].each { |bin| raise Error, "#{bin} missing: cargo build --release" unless File.executable?(bin) }
     nginx_problem = ensure_nginx
     warn "bench: #{nginx_problem}; nginx rows are skipped" if nginx_problem
+    haproxy_problem = ensure_haproxy if names.include?("machine")
+    warn "bench: #{haproxy_problem}; the haproxy row is skipped" if haproxy_problem
     started = monotonic
     results = { "command" => command, "started_at" => Time.now.utc.iso8601, "machine" => Machine.describe,
                 "settings" => { "repeat" => Scenarios::REPEAT, "sse_streams" => Scenarios::SSE_STREAMS,
                                 "sse_hold" => Scenarios::SSE_HOLD, "small_secs" => Scenarios::SMALL_SECS,
-                                "small_rounds" => Scenarios::SMALL_ROUNDS, "events" => EventsScenario.settings },
+                                "small_rounds" => Scenarios::SMALL_ROUNDS, "events" => EventsScenario.settings,
+                                "machine" => MachineScenario.settings },
                 "competition" => {}, "scenarios" => {} }
-    scenarios = Scenarios.new(nginx: nginx_problem.nil?)
+    scenarios = Scenarios.new(nginx: nginx_problem.nil?, haproxy: haproxy_problem.nil?)
     names.each do |name|
       results["competition"][name] = Machine.competition
       warn "bench: scenario #{name} (#{results["competition"][name]["loadavg"]} load)"

@@ -3,6 +3,7 @@
 require "net/http"
 require_relative "harness"
 require_relative "events_scenario"
+require_relative "machine_scenario"
 
 module Bench
   # The five scenarios of `rake bench`. Each starts its own origin, nginx and
@@ -10,7 +11,7 @@ module Bench
   # from a previous scenario), measures the three paths in the same run, and
   # stops everything in an ensure block. Each returns a Hash of results.
   class Scenarios
-    NAMES = %w[download threads sse small events].freeze
+    NAMES = %w[download threads sse small events machine].freeze
     GIB = 1 << 30
 
     # Tunables, for quick runs while developing the benchmark itself.
@@ -22,8 +23,9 @@ module Bench
     SSE_AGAIN = ENV.fetch("BENCH_SSE_AGAIN", "1") == "1"
     KEEPALIVE_ROWS = ENV.fetch("BENCH_KEEPALIVE", "1") == "1"
 
-    def initialize(nginx: true, say: ->(line) { warn(line) })
+    def initialize(nginx: true, haproxy: true, say: ->(line) { warn(line) })
       @with_nginx = nginx
+      @with_haproxy = haproxy
       @say = say
     end
 
@@ -149,6 +151,11 @@ module Bench
     # ActionController::Live and hijack + Thread.new (bench/events_scenario.rb).
     def events
       EventsScenario.new(say: @say).run
+    end
+
+    # 6. The machine beside HAProxy and direct (bench/machine_scenario.rb).
+    def machine
+      MachineScenario.new(say: @say, haproxy: @with_haproxy).run
     end
 
     private

@@ -1,8 +1,8 @@
 # frozen_string_literal: true
 
-# `rake bench` / `rake bench[download|threads|sse|small|events]` (or 1-5): see the
+# `rake bench` / `rake bench[download|threads|sse|small|events|machine]` (or 1-6): see the
 # "Benchmarks" section of README.md and bench/RESULTS.md.
-desc "Benchmarks: proxy_fetch under Puma vs nginx vs direct (bench[scenario] runs one: download, threads, sse, small, events)"
+desc "Benchmarks: proxy_fetch under Puma vs nginx vs direct (bench[scenario] runs one: download, threads, sse, small, events, machine)"
 task :bench, [:scenario] do |_t, args|
   # The extension is rebuilt first so the numbers are for the current code;
   # BENCH_SKIP_COMPILE=1 skips that. A compile racing another one in the

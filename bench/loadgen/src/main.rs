@@ -22,6 +22,9 @@
 //!   subscribers fed by publishes the driver asks the app for; latency from
 //!   publish to every client, RSS per stream, delivered events/s (events.rs).
 //!
+//! - `tcp --addr H:P --what push|short|idle` and `tcp-sink --port P`: raw
+//!   TCP through a content-routing proxy (the machine scenario, tcp.rs).
+//!
 //! Common: `--threads 2` (tokio workers), `--max-secs 600` (the whole run
 //! is aborted past this, whatever the mode).
 
@@ -29,6 +32,7 @@ mod events;
 mod http;
 mod modes;
 mod report;
+mod tcp;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -131,8 +135,10 @@ fn main() {
             "rate" => modes::rate(&args).await,
             "sse" => modes::sse(&args).await,
             "events" => events::events(&args).await,
+            "tcp" => tcp::client(&args).await,
+            "tcp-sink" => tcp::sink(&args).await,
             other => Err(format!(
-                "unknown mode {other:?}: download | burst | rate | sse | events"
+                "unknown mode {other:?}: download | burst | rate | sse | events | tcp | tcp-sink"
             )),
         }
     };

@@ -35,7 +35,7 @@ enum End {
 
 pub async fn run(machine: &Machine, mut client: TcpStream, buffer: Bytes, mut remote: Remote) {
     let stats = &machine.stats;
-    let Some(mut upstream) = connect(machine, &remote).await else {
+    let Some(mut upstream) = Box::pin(connect(machine, &remote)).await else {
         stats.connect_errors.fetch_add(1, Relaxed);
         machine.notify(Job::ConnectError {
             remote: remote.address,
@@ -58,10 +58,14 @@ pub async fn run(machine: &Machine, mut client: TcpStream, buffer: Bytes, mut re
     stats.bytes_to_remote.fetch_add(first.len() as u64, Relaxed);
     drop(first);
     let idle = remote.inactivity_timeout;
-    let end = match both_ways_spliced(machine, &client, &upstream, idle).await {
+    // Each way boxed on its own: an idle joined connection holds the state
+    // of the one it runs, not of the larger of the two (they are awaited
+    // in one future, whose size is that of its largest state).
+    let spliced = Box::pin(both_ways_spliced(machine, &client, &upstream, idle)).await;
+    let end = match spliced {
         Ok(end) => end,
         // No pipe to be had, or zero copy switched off: copy instead.
-        Err(_) => both_ways_copied(machine, &mut client, upstream, idle).await,
+        Err(_) => Box::pin(both_ways_copied(machine, &mut client, upstream, idle)).await,
     };
     if end == Err(End::Inactive) {
         stats.inactivity_cuts.fetch_add(1, Relaxed);

@@ -270,6 +270,9 @@ mod tests {
     use std::sync::atomic::AtomicBool;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// The most bytes a connection's future may take (see the test).
+    const SERVE_FUTURE_MAX: usize = 1024;
+
     /// Plays the Ruby side: answers route jobs with `decide` on a thread,
     /// and tells `seen` what each job showed.
     fn block_thread(
@@ -341,6 +344,32 @@ mod tests {
         machine.stop_accepting();
         machine.jobs.close();
         block.join().unwrap();
+    }
+
+    /// An idle routed connection is mostly its task: the future's size is
+    /// allocated per connection for as long as it lives (issue 18: RSS per
+    /// idle routed connection at most HAProxy's, ~3 KiB).
+    #[tokio::test]
+    async fn a_connection_future_stays_small() {
+        let machine = Machine::start(Settings::default(), &tokio::runtime::Handle::current()).unwrap();
+        let client = tokio::net::TcpStream::connect(("127.0.0.1", machine.port))
+            .await
+            .unwrap();
+        let future = serve(machine.clone(), client);
+        let size = std::mem::size_of_val(&future);
+        eprintln!(
+            "serve future: {size} bytes; the join's: {}",
+            std::mem::size_of_val(&join::run(
+                &machine,
+                tokio::net::TcpStream::connect(("127.0.0.1", machine.port))
+                    .await
+                    .unwrap(),
+                Bytes::new(),
+                Remote::default()
+            ))
+        );
+        assert!(size <= SERVE_FUTURE_MAX, "serve future is {size} bytes");
+        machine.stop_accepting();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,16 +7,16 @@
 use std::sync::atomic::Ordering::Relaxed;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::{join, Answer, Job, Machine};
 
-/// Read sizes while routing: routing patterns sit in the first bytes, so
-/// the first read is small (the buffer is what an idle connection's
-/// allocator high-water mark is made of) and later ones double up to CHUNK.
-const FIRST_READ: usize = 2 * 1024;
+/// The most read at once while routing (from a scratch buffer on the
+/// stack: the connection's own buffer grows by what arrived only, so a
+/// client that sent "GO" holds 2 bytes, not a read-sized allocation whose
+/// hole stays in the allocator after routing; issue 18, idle RSS).
 const CHUNK: usize = 16 * 1024;
 
 /// Serves one connection to its end.
@@ -25,16 +25,12 @@ pub async fn run(machine: &Machine, mut client: TcpStream) {
     let mut buffer = BytesMut::new();
     loop {
         // One byte past the cap is enough to know it was passed.
-        let want = buffer.len().clamp(FIRST_READ, CHUNK);
-        let room = (max + 1).saturating_sub(buffer.len()).min(want);
-        let start = buffer.len();
-        buffer.resize(start + room, 0);
-        let n = match client.read(&mut buffer[start..]).await {
+        let room = (max + 1).saturating_sub(buffer.len()).min(CHUNK);
+        match read_some(&client, &mut buffer, room).await {
             // A client that leaves before the block decided: not an error.
             Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        buffer.truncate(start + n);
+            Ok(_) => {}
+        }
         if buffer.len() > max {
             machine.stats.route_overflows.fetch_add(1, Relaxed);
             machine.log(format!(
@@ -59,7 +55,10 @@ pub async fn run(machine: &Machine, mut client: TcpStream) {
             }
             Ok(Answer::Remote(remote)) => {
                 machine.stats.routed.fetch_add(1, Relaxed);
-                join::run(machine, client, buffer.freeze(), remote).await;
+                // Boxed: a joined connection then holds only the join's
+                // state, not room for it in every routing connection's
+                // task too (issue 18, RSS per idle routed connection).
+                Box::pin(join::run(machine, client, buffer.freeze(), remote)).await;
                 return;
             }
             Ok(Answer::Failed) => {
@@ -71,6 +70,24 @@ pub async fn run(machine: &Machine, mut client: TcpStream) {
                 machine.log(format!("routing block failed: {message}; connection closed"));
                 return;
             }
+        }
+    }
+}
+
+/// Appends what the client sent (at most `room` bytes, at least one
+/// unless at EOF) to `buffer`; 0 at EOF.
+async fn read_some(client: &TcpStream, buffer: &mut BytesMut, room: usize) -> std::io::Result<usize> {
+    loop {
+        client.readable().await?;
+        // Not held across an await, so not part of the connection's future.
+        let mut scratch = [0u8; CHUNK];
+        match client.try_read(&mut scratch[..room.min(CHUNK)]) {
+            Ok(n) => {
+                buffer.extend_from_slice(&scratch[..n]);
+                return Ok(n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
         }
     }
 }
