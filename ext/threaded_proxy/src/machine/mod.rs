@@ -164,6 +164,10 @@ pub struct Machine {
     stop_accepting: watch::Sender<bool>,
     /// Set: every connection is dropped now (end of a drain).
     cut: watch::Sender<bool>,
+    /// Set by the accept loop once it has dropped the listener:
+    /// `stop_accepting` waits for it, so a connect made after it returns
+    /// is refused (not accepted by a loop that has not seen the stop yet).
+    listener_closed: (std::sync::Mutex<bool>, std::sync::Condvar),
 }
 
 impl Machine {
@@ -182,13 +186,19 @@ impl Machine {
             tracker: Tracker::default(),
             stop_accepting: watch::channel(false).0,
             cut: watch::channel(false).0,
+            listener_closed: Default::default(),
         });
         handle.spawn(accept_loop(machine.clone(), listener));
         Ok(machine)
     }
 
+    /// Ends the accept loop and waits (2 s at most: a runtime that is
+    /// gone runs no loop) until the port is closed.
     pub fn stop_accepting(&self) {
         self.stop_accepting.send_replace(true);
+        let (lock, closed) = &self.listener_closed;
+        let done = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = closed.wait_timeout_while(done, Duration::from_secs(2), |done| !*done);
     }
 
     pub fn cut(&self) {
@@ -241,6 +251,10 @@ async fn accept_loop(machine: Arc<Machine>, listener: TcpListener) {
         }
     }
     // Dropping the listener closes the port: new connects are refused.
+    drop(listener);
+    let (lock, closed) = &machine.listener_closed;
+    *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    closed.notify_all();
 }
 
 /// Counts the connection open while it lives.

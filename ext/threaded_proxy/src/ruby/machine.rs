@@ -115,8 +115,11 @@ impl Machine {
         })
     }
 
-    fn stop_accepting(&self) {
-        self.0.stop_accepting();
+    /// Returns once the port is closed (GVL released while the accept
+    /// loop lets go of it).
+    fn stop_accepting(ruby: &Ruby, rb_self: &Self) -> Result<(), Error> {
+        let machine = rb_self.0.clone();
+        guard(|| nogvl(ruby, move || machine.stop_accepting(), || {}))
     }
 
     /// Waits up to `timeout` seconds, GVL released, until no connection is
