@@ -120,6 +120,14 @@ module ThreadedProxy
       !@native.nil? && !@closed
     end
 
+    # Closes the port (a connect after this returns is refused); open
+    # connections go on. `stop` does this first; the exe calls it before
+    # it logs that it no longer accepts.
+    def stop_accepting
+      @native&.stop_accepting
+      self
+    end
+
     # Stops accepting, waits up to `timeout` seconds (nil: as long as it
     # takes) for the open connections to end, then closes the rest. True
     # when every connection ended by itself.

@@ -73,6 +73,7 @@ module ThreadedProxy
       logger.info("threaded-proxy-machine listening on #{where} (pid #{Process.pid})" \
                   "#{", metrics on port #{metrics.port}" if metrics}")
       signal = signals.pop
+      machine.stop_accepting
       logger.info("Received #{signal} signal. No longer accepting new connections.")
       logger.info("Waiting for #{machine.stats[:open]} connections to finish.")
       drained = machine.stop(signal == "QUIT" ? nil : FAST_SHUTDOWN_SECONDS)
