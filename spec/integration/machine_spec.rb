@@ -339,9 +339,14 @@ RSpec.describe ThreadedProxy::Machine do
     expect(exchange("BYE\n")).to eq("GOODBYE\n")
     socket = connect
     socket.write("PING b\n")
-    expect(read_exactly(socket, 2)).to eq("b\n")
+    expect(read_exactly(socket, 9)).to eq("b\nPING b\n")
+    # Splice counts a piece once its syscall returns, which can be after
+    # the client has read it: wait for the last 9 bytes to be counted
+    # (9 + 8 + 9 reached clients), so the two readings below agree.
+    deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + 5
+    sleep 0.01 until machine.stats[:bytes_to_client] == 26 || Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
     stats = machine.stats
-    expect(stats).to include(accepted: 3, routed: 2, closed_by_block: 1, open: 1, route_calls: 3)
+    expect(stats).to include(accepted: 3, routed: 2, closed_by_block: 1, open: 1, route_calls: 3, bytes_to_client: 26)
     expect(stats[:route_seconds]).to be > 0
     text = ThreadedProxy::Metrics.text
     pid = Process.pid
