@@ -7,7 +7,8 @@ module Bench
     LABELS = {
       "gem" => "threaded-proxy stream_events + publish (fan-out in Rust), Puma -t 2:2",
       "live" => "ActionController::Live, one Puma thread per stream (-t N:N)",
-      "hijack" => "rack.hijack + Thread.new per stream, Ruby fan-out, Puma -t 2:2"
+      "hijack" => "rack.hijack + Thread.new per stream, Ruby fan-out, Puma -t 2:2",
+      "floor" => "yardstick: bare fan-out (bench-origin --mode fanout): a blocking send per stream from 2 threads, no Ruby, no runtime"
     }.freeze
     RSS_GOAL_KIB = 4.0
     STREAMS_GOAL = 19_000
@@ -78,9 +79,10 @@ module Bench
       r.is_a?(Hash) && !r["error"] ? r : nil
     end
 
-    # The Ruby rows of the same measurement, for the targets' last column.
+    # The Ruby rows and the yardstick of the same measurement, for the
+    # targets' last column.
     def others(measurement)
-      %w[live hijack].filter_map do |name|
+      %w[live hijack floor].filter_map do |name|
         r = @result.dig(measurement, name)
         next unless r.is_a?(Hash)
 

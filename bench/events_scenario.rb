@@ -10,6 +10,10 @@ module Bench
   #   gem    - ThreadedProxy's stream_events + ThreadedProxy.publish
   #   live   - ActionController::Live, one Puma thread per stream (-t N:N)
   #   hijack - rack.hijack + Thread.new per stream, Ruby in-process fan-out
+  #   floor  - fanout only: bench-origin --mode fanout, no Puma, no Ruby, no
+  #            runtime: a publish is a blocking send(2) per stream from two
+  #            threads, the yardstick of what the kernel and the clients
+  #            cost on these 2 cores
   # Measurements (bench-loadgen `events`, raw TCP SSE clients that timestamp
   # every event against the publish time it carries):
   #   hold    - STREAMS open streams, all receiving; RSS per stream
@@ -23,7 +27,9 @@ module Bench
   # out of threads or descriptors) reports an error or how far it got; the
   # others still run.
   class EventsScenario
-    ROWS = %w[gem live hijack].freeze
+    ROWS = %w[gem live hijack floor].freeze
+    # The rows that are not a Puma app measure only this.
+    FLOOR_MEASUREMENTS = %w[fanout].freeze
     MEASUREMENTS = %w[hold fanout rate cluster].freeze
     RACKUP = File.join(__dir__, "events_app.ru")
 
@@ -56,7 +62,8 @@ module Bench
 
       results = { "settings" => self.class.settings }
       (SELECTED_MEASUREMENTS - ["cluster"]).each do |measurement|
-        results[measurement] = SELECTED_ROWS.to_h do |row|
+        rows = SELECTED_ROWS.reject { |row| row == "floor" && !FLOOR_MEASUREMENTS.include?(measurement) }
+        results[measurement] = rows.to_h do |row|
           @say.call("events: #{measurement}, #{row}")
           [row, guarded { public_send(measurement, row) }]
         end
@@ -80,9 +87,19 @@ module Bench
     end
 
     def fanout(row)
+      return floor_fanout if row == "floor"
+
       with_puma(row, FANOUT) do |puma|
         drive(puma, row, streams: FANOUT, publishes: PUBLISHES, watch_pid: puma.pid)
       end
+    end
+
+    def floor_fanout
+      origin = Origin.new(fanout: true).start
+      Loadgen.run("events", url: "#{origin.url}/stream", publish_url: "#{origin.url}/publish", streams: FANOUT,
+                            window: 256, publishes: PUBLISHES, watch_pid: origin.pid, timeout: 900)
+    ensure
+      origin&.stop
     end
 
     def rate(row)
@@ -109,15 +126,8 @@ module Bench
 
     private
 
-    # A failed measurement: its first line and its last (a failed
-    # loadgen's own message ends its log).
-    def guarded
-      yield
-    rescue Error, SystemCallError, JSON::ParserError => e
-      lines = e.message.lines.map(&:strip).reject(&:empty?)
-      summary = [lines.first, lines.last].uniq.join(" … ")
-      @say.call("events: failed: #{summary}")
-      { "error" => "#{e.class}: #{summary}" }
+    def guarded(&measurement)
+      Bench.guarded("events", @say, &measurement)
     end
 
     # A fresh Puma for one row and measurement. Live needs a Puma thread per

@@ -29,6 +29,22 @@ module Bench
     Process.clock_gettime(Process::CLOCK_MONOTONIC)
   end
 
+  # The errors a measurement can end with (a child that failed, a socket,
+  # a loadgen whose JSON is cut short): the run reports them and goes on.
+  MEASUREMENT_ERRORS = [Error, SystemCallError, JSON::ParserError].freeze
+
+  # Runs one measurement; if it fails, says so (`say` with `scope`) and
+  # returns {"error" => its class and first and last lines (a failed
+  # loadgen's own message ends its log)} in place of the result.
+  def self.guarded(scope, say)
+    yield
+  rescue *MEASUREMENT_ERRORS => e
+    lines = e.message.lines.map(&:strip).reject(&:empty?)
+    summary = [lines.first, lines.last].uniq.join(" … ")
+    say.call("#{scope}: failed: #{summary}")
+    { "error" => "#{e.class}: #{summary}" }
+  end
+
   # Polls the block until it returns a truthy value or `timeout` passes.
   def self.wait_for(what, timeout:, interval: 0.05)
     deadline = monotonic + timeout
@@ -193,17 +209,23 @@ module Bench
   end
 
   # bench-origin (bench/origin); with `relay_to:` (an origin's port) the
-  # same binary as a bare splice relay to it, the yardstick of one proxy hop.
+  # same binary as a bare splice relay to it, the yardstick of one proxy hop;
+  # with `fanout: true` a bare SSE fan-out (bench/origin/src/fanout.rs), the
+  # yardstick of one publish to many streams.
   class Origin
     attr_reader :port
 
-    def initialize(relay_to: nil)
+    def initialize(relay_to: nil, fanout: false)
       @relay_to = relay_to
+      @fanout = fanout
     end
 
     def start
-      name = @relay_to ? "relay" : "origin"
-      mode = @relay_to ? ["--relay-to", "127.0.0.1:#{@relay_to}"] : ["--threads", "2"]
+      name, mode =
+        if @relay_to then ["relay", ["--relay-to", "127.0.0.1:#{@relay_to}"]]
+        elsif @fanout then ["fanout", ["--mode", "fanout", "--threads", "2"]]
+        else ["origin", ["--threads", "2"]]
+        end
       @child = Child.new(name, [ORIGIN_BIN, "--port", "0", *mode, "--lifetime-secs", "1800"]).start
       @port = Bench.wait_for("the #{name} to listen", timeout: 10) do
         raise Error, "#{name} exited: #{@child.log}" unless @child.alive?

@@ -115,13 +115,8 @@ module Bench
       Loadgen.run("tcp", what: what, addr: "127.0.0.1:#{port}", prefix: "GO", timeout: timeout, **options)
     end
 
-    def guarded
-      yield
-    rescue Error, SystemCallError, JSON::ParserError => e
-      lines = e.message.lines.map(&:strip).reject(&:empty?)
-      summary = [lines.first, lines.last].uniq.join(" … ")
-      @say.call("machine: failed: #{summary}")
-      { "error" => "#{e.class}: #{summary}" }
+    def guarded(&measurement)
+      Bench.guarded("machine", @say, &measurement)
     end
 
     def start_sink

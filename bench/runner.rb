@@ -97,7 +97,7 @@ module Bench
       results["scenarios"][name] =
         begin
           scenarios.public_send(name)
-        rescue Error, SystemCallError, JSON::ParserError => e
+        rescue *MEASUREMENT_ERRORS => e
           warn "bench: #{name} failed: #{e.class}: #{e.message}"
           { "error" => "#{e.class}: #{e.message.lines.first(3).join.strip}" }
         end

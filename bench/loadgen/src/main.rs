@@ -31,6 +31,7 @@
 mod events;
 mod http;
 mod modes;
+mod ramp;
 mod report;
 mod tcp;
 

@@ -5,10 +5,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 
 use crate::http::{self, Failure, Target};
+use crate::ramp::{self, count_state, CONNECTING, ENDED, FAILED, OPEN};
 use crate::report::{fd_count, rss_kb, sum_over, JsonObject, Samples, Tally};
 use crate::Args;
 
@@ -244,15 +245,16 @@ async fn keep_alive_exchange(
 
 // --------------------------------------------------------------------- sse
 
-const CONNECTING: u8 = 0;
-const OPEN: u8 = 1;
-const FAILED: u8 = 2;
-const ENDED: u8 = 3;
-
 /// Per-stream state, shared between its task and the phase logic.
 struct Slot {
     state: AtomicU8,
     events: AtomicU32,
+}
+
+impl ramp::Stream for Slot {
+    fn state(&self) -> &AtomicU8 {
+        &self.state
+    }
 }
 
 /// Counts `marker` in a byte stream that arrives in pieces (`carry` keeps
@@ -340,13 +342,6 @@ async fn origin_stat(stats: &Target, key: &str) -> Option<i64> {
     digits.parse().ok()
 }
 
-fn count_state(slots: &[Arc<Slot>], state: u8) -> u64 {
-    slots
-        .iter()
-        .filter(|s| s.state.load(Ordering::SeqCst) == state)
-        .count() as u64
-}
-
 /// Many concurrent event streams held open: the SSE scenario.
 pub async fn sse(args: &Args) -> Result<String, String> {
     let target = Arc::new(Target::parse(args.required("--url")?)?);
@@ -384,67 +379,29 @@ pub async fn sse(args: &Args) -> Result<String, String> {
         .collect();
     let failures: Arc<Mutex<Tally>> = Arc::new(Mutex::new(Tally::default()));
     let (cancel_tx, cancel_rx) = watch::channel(false);
-    let start = Instant::now();
     let ramp_deadline = tokio::time::Instant::now() + ramp_timeout;
     // Streams end by themselves at the latest here; normally we close them.
     let stream_deadline = ramp_deadline + hold + Duration::from_secs(60);
-
-    // Ramp: at most `window` streams between connect and first event, so
-    // the servers' accept queues never overflow.
-    let window_sem = Arc::new(Semaphore::new(window));
-    let mut set = JoinSet::new();
-    let mut started = 0usize;
-    let mut last_report = Instant::now();
-    for slot in &slots {
-        let permit =
-            match tokio::time::timeout_at(ramp_deadline, Arc::clone(&window_sem).acquire_owned()).await {
-                Ok(Ok(permit)) => permit,
-                _ => break,
-            };
-        started += 1;
-        let (target, request, slot, marker) = (
-            Arc::clone(&target),
-            Arc::clone(&request),
-            Arc::clone(slot),
-            Arc::clone(&marker),
-        );
-        let failures = Arc::clone(&failures);
-        let mut cancel = cancel_rx.clone();
-        set.spawn(async move {
-            let work = run_stream(
-                target,
-                request,
-                Arc::clone(&slot),
+    let ramp = ramp::ramp(
+        "sse",
+        &slots,
+        window,
+        ramp_deadline,
+        &cancel_rx,
+        &failures,
+        |slot, permit| {
+            run_stream(
+                Arc::clone(&target),
+                Arc::clone(&request),
+                slot,
                 Some(permit),
                 stream_deadline,
-                marker,
-            );
-            tokio::select! {
-                result = work => {
-                    if let Err(failure) = result {
-                        let was_open = slot.state.load(Ordering::SeqCst) == OPEN;
-                        slot.state.store(if was_open { ENDED } else { FAILED }, Ordering::SeqCst);
-                        failures.lock().unwrap_or_else(|e| e.into_inner()).failure(failure);
-                    }
-                }
-                // Closing time: dropping `work` closes the socket.
-                _ = cancel.wait_for(|closing| *closing) => {}
-            }
-        });
-        if last_report.elapsed() > Duration::from_secs(2) {
-            last_report = Instant::now();
-            eprintln!(
-                "sse: {started} started, {} open, {} failed",
-                count_state(&slots, OPEN),
-                count_state(&slots, FAILED)
-            );
-        }
-    }
-    // Wait until every started stream is open or failed (bounded).
-    while count_state(&slots[..started], CONNECTING) > 0 && tokio::time::Instant::now() < ramp_deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let ramp_secs = start.elapsed().as_secs_f64();
+                Arc::clone(&marker),
+            )
+        },
+    )
+    .await;
+    let (mut set, started, ramp_secs) = (ramp.tasks, ramp.started, ramp.secs);
     let opened = count_state(&slots, OPEN) + count_state(&slots, ENDED);
     eprintln!("sse: ramp done in {ramp_secs:.1}s, {opened} open; holding {hold:?}");
 

@@ -23,7 +23,11 @@
 //! `bench-origin --relay-to HOST:PORT [--port 0] [--lifetime-secs 3600]` is not
 //! an origin but a bare TCP relay to one (relay.rs): the yardstick for what a
 //! proxy hop costs here.
+//!
+//! `bench-origin --mode fanout [--port 0] [--threads 2]` is a bare SSE fan-out
+//! (fanout.rs): the yardstick for what one publish to many streams costs here.
 
+mod fanout;
 mod relay;
 
 use std::net::SocketAddr;
@@ -83,6 +87,8 @@ struct Options {
     lifetime: Duration,
     /// Set: run as the bare relay to this origin instead (relay.rs).
     relay_to: Option<SocketAddr>,
+    /// `--mode fanout`: run as the bare SSE fan-out instead (fanout.rs).
+    fanout: bool,
 }
 
 fn parse_options() -> Result<Options, String> {
@@ -92,6 +98,7 @@ fn parse_options() -> Result<Options, String> {
         backlog: 4096,
         lifetime: Duration::from_secs(3600),
         relay_to: None,
+        fanout: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -101,6 +108,11 @@ fn parse_options() -> Result<Options, String> {
             "--port" => options.port = value.parse().map_err(bad)?,
             "--threads" => options.threads = value.parse().map_err(bad)?,
             "--backlog" => options.backlog = value.parse().map_err(bad)?,
+            "--mode" => match value.as_str() {
+                "fanout" => options.fanout = true,
+                "origin" => options.fanout = false,
+                _ => return Err(format!("unknown mode {value} (origin, fanout)")),
+            },
             "--lifetime-secs" => options.lifetime = Duration::from_secs(value.parse().map_err(bad)?),
             "--relay-to" => {
                 options.relay_to = Some(
@@ -152,7 +164,7 @@ fn main() {
         }
     };
     let fd_limit = raise_fd_limit();
-    if let Some(upstream) = options.relay_to {
+    if options.relay_to.is_some() || options.fanout {
         // As the origin does: a harness that died cannot leave it running.
         let lifetime = options.lifetime;
         std::thread::spawn(move || {
@@ -160,7 +172,11 @@ fn main() {
             eprintln!("bench-origin: lifetime over, exiting");
             std::process::exit(0);
         });
-        if let Err(message) = relay::serve(options.port, upstream) {
+        let served = match options.relay_to {
+            Some(upstream) => relay::serve(options.port, upstream),
+            None => fanout::serve(options.port, options.threads),
+        };
+        if let Err(message) = served {
             eprintln!("bench-origin: {message}");
             std::process::exit(1);
         }
@@ -517,4 +533,17 @@ async fn sse(stream: &mut TcpStream, interval: Duration, max: Duration) -> std::
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|window| window == needle)
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock Ruby's
+/// `Process.clock_gettime(Process::CLOCK_MONOTONIC, :nanosecond)` and the
+/// load driver read, so a timestamp in an event means the same to both.
+fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

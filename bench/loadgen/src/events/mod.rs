@@ -26,20 +26,15 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::http::{self, Failure, Target};
+use crate::ramp::{self, count_state, CONNECTING, ENDED, FAILED, OPEN};
 use crate::report::{fd_count, rss_kb, sum_over, JsonObject, Samples, Tally};
 use crate::Args;
 
 mod wire;
 use wire::{parse_head, take_events, Dechunk};
-
-const CONNECTING: u8 = 0;
-const OPEN: u8 = 1;
-const FAILED: u8 = 2;
-const ENDED: u8 = 3;
 
 /// Warm-up publishes use sequence numbers below this; latency publishes
 /// start here; the rate phase starts at RATE_BASE.
@@ -86,8 +81,14 @@ struct Shared {
     slots: Vec<PublishSlot>,
     /// Every latency-phase delivery, for the percentiles over all of them.
     samples: Mutex<Samples>,
-    failures: Mutex<Tally>,
+    failures: Arc<Mutex<Tally>>,
     groups: Mutex<BTreeMap<String, u64>>,
+}
+
+impl ramp::Stream for Sub {
+    fn state(&self) -> &AtomicU8 {
+        &self.state
+    }
 }
 
 impl Shared {
@@ -200,12 +201,6 @@ async fn publish(base: &str, seq: u64, count: u64) -> Result<(), String> {
     Ok(())
 }
 
-fn count_state(subs: &[Arc<Sub>], state: u8) -> u64 {
-    subs.iter()
-        .filter(|s| s.state.load(Ordering::SeqCst) == state)
-        .count() as u64
-}
-
 /// Waits (bounded) until `done` holds; whether it did.
 async fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
@@ -262,7 +257,7 @@ pub async fn events(args: &Args) -> Result<String, String> {
         delivered: AtomicU64::new(0),
         slots: (0..publishes).map(|_| PublishSlot::default()).collect(),
         samples: Mutex::new(Samples::new(4_000_000)),
-        failures: Mutex::new(Tally::default()),
+        failures: Arc::default(),
         groups: Mutex::new(BTreeMap::new()),
     });
     let subs: Vec<Arc<Sub>> = (0..streams)
@@ -276,67 +271,29 @@ pub async fn events(args: &Args) -> Result<String, String> {
         .collect();
     let request = Arc::new(target.request(false));
     let (cancel_tx, cancel_rx) = watch::channel(false);
-    let start = Instant::now();
     let ramp_deadline = tokio::time::Instant::now() + ramp_timeout;
-
-    // Ramp: at most `window` streams between connect and response head.
-    let window_sem = Arc::new(Semaphore::new(window));
-    let mut set = JoinSet::new();
-    let mut started = 0usize;
-    let mut last_report = Instant::now();
-    let mut open_peak = 0u64;
-    for sub in &subs {
-        let permit =
-            match tokio::time::timeout_at(ramp_deadline, Arc::clone(&window_sem).acquire_owned()).await {
-                Ok(Ok(permit)) => permit,
-                _ => break,
-            };
-        started += 1;
-        let (target, request, sub, shared) = (
-            Arc::clone(&target),
-            Arc::clone(&request),
-            Arc::clone(sub),
-            Arc::clone(&shared),
-        );
-        let group = group.clone();
-        let mut cancel = cancel_rx.clone();
-        set.spawn(async move {
-            let work = run_stream(
-                target,
-                request,
-                Arc::clone(&sub),
+    let ramp = ramp::ramp(
+        "events",
+        &subs,
+        window,
+        ramp_deadline,
+        &cancel_rx,
+        &shared.failures,
+        |sub, permit| {
+            run_stream(
+                Arc::clone(&target),
+                Arc::clone(&request),
+                sub,
                 Arc::clone(&shared),
                 Some(permit),
-                group,
-            );
-            tokio::select! {
-                result = work => {
-                    if let Err(failure) = result {
-                        let was_open = sub.state.load(Ordering::SeqCst) == OPEN;
-                        sub.state.store(if was_open { ENDED } else { FAILED }, Ordering::SeqCst);
-                        shared.failures.lock().unwrap_or_else(|e| e.into_inner()).failure(failure);
-                    }
-                }
-                _ = cancel.wait_for(|closing| *closing) => {}
-            }
-        });
-        if last_report.elapsed() > Duration::from_secs(2) {
-            last_report = Instant::now();
-            let open = count_state(&subs, OPEN);
-            open_peak = open_peak.max(open);
-            eprintln!(
-                "events: {started} started, {open} open, {} failed",
-                count_state(&subs, FAILED)
-            );
-        }
-    }
-    while count_state(&subs[..started], CONNECTING) > 0 && tokio::time::Instant::now() < ramp_deadline {
-        open_peak = open_peak.max(count_state(&subs, OPEN));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let ramp_secs = start.elapsed().as_secs_f64();
+                group.clone(),
+            )
+        },
+    )
+    .await;
+    let (mut set, started, ramp_secs) = (ramp.tasks, ramp.started, ramp.secs);
     let opened = count_state(&subs, OPEN);
-    let open_peak = open_peak.max(opened);
+    let open_peak = ramp.open_peak;
     eprintln!("events: ramp done in {ramp_secs:.1}s, {opened} open");
 
     // Warm-up: every open stream must have received an event.

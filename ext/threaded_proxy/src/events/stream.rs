@@ -183,6 +183,11 @@ impl Job<'_> {
         let mut quiet_until = Instant::now() + self.heartbeat;
         let heartbeat = tokio::time::sleep_until(quiet_until);
         tokio::pin!(heartbeat);
+        // One wait on the shutdown signal for the stream's life: a new one
+        // per event would register and deregister in the watch channel
+        // every stream shares, a lock all of a fan-out's writers contend on.
+        let cancelled = cancel.changed();
+        tokio::pin!(cancelled);
         loop {
             match self.sub.pop() {
                 Pop::Event(event) => {
@@ -214,7 +219,7 @@ impl Job<'_> {
                     heartbeat.as_mut().reset(quiet_until);
                 }
                 n = r.read(&mut probe) => if !matches!(n, Ok(n) if n > 0) { return },
-                _ = cancel.changed() => return,
+                _ = &mut cancelled => return,
             }
         }
     }
