@@ -245,15 +245,7 @@ RSpec.describe "proxy_async (deferred delivery)" do
   end
 
   context "on PostgreSQL" do
-    before(:all) do
-      @postgres = PostgresServer.new.start
-    rescue PostgresServer::Unavailable => e
-      # bin/test sets SPEC_REQUIRE_POSTGRES: there, no PostgreSQL
-      # is a failure, never a skip.
-      raise if ENV["SPEC_REQUIRE_POSTGRES"]
-
-      skip "PostgreSQL could not be started here: #{e.message}"
-    end
+    before(:all) { @postgres = PostgresServer.start_or_skip(self) }
 
     after(:all) { @postgres&.stop }
 

@@ -10,13 +10,7 @@ require "rbconfig"
 RSpec.describe "event streams across processes (events_url)" do
   EVENTS_ROOT_DIR = File.expand_path("../..", __dir__)
 
-  before(:all) do
-    @postgres = PostgresServer.new.start
-  rescue PostgresServer::Unavailable => e
-    raise if ENV["SPEC_REQUIRE_POSTGRES"] # bin/test: no PostgreSQL is a failure
-
-    skip "PostgreSQL could not be started here: #{e.message}"
-  end
+  before(:all) { @postgres = PostgresServer.start_or_skip(self) }
 
   before(:all) do
     @url = @postgres.create_database("events")

@@ -318,13 +318,7 @@ RSpec.describe ThreadedProxy::Machine do
     port = machine.port
     stopper = Thread.new { machine.stop(10) }
     # Refused once the listener is closed (stop_accepting comes first).
-    Timeout.timeout(5) do
-      loop do
-        TCPSocket.new("127.0.0.1", port).close
-      rescue Errno::ECONNREFUSED
-        break
-      end
-    end
+    expect(ConnectRetry.until_refused(port, timeout: 5)).to be(true), "port #{port} still accepted 5 s after #stop"
     socket.write("more")
     expect(read_exactly(socket, 4)).to eq("more")
     socket.close_write

@@ -122,7 +122,10 @@ pub struct ResponseHead {
 }
 
 /// How an exchange ended, for `on_complete`, instrumentation and logs.
-#[derive(Debug, Clone)]
+/// The default is an exchange that moved no byte and reports no error,
+/// with no method or URL: `exchange::empty_summary` starts from it, and
+/// the tests take it for a placeholder.
+#[derive(Debug, Clone, Default)]
 pub struct Summary {
     pub method: String,
     pub url: String,

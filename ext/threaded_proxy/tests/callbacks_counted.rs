@@ -9,13 +9,13 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
 use bytes::Bytes;
-use threaded_proxy::callbacks::{CallbackEvent, CallbackReply, ResponseHead, Summary};
+use threaded_proxy::callbacks::{CallbackEvent, CallbackReply, Summary};
 use threaded_proxy::exchange::{self, CallbackSet, ExchangeSpec};
 use threaded_proxy::runtime;
 
@@ -44,28 +44,10 @@ fn origin(response: &'static [u8]) -> String {
 /// Plays the Ruby dispatcher: lets every head through, takes the default
 /// answer on errors, and hands each `Finished` summary to the test.
 fn dispatcher() -> mpsc::Receiver<Summary> {
-    let (summaries_tx, summaries) = mpsc::channel();
-    thread::spawn(move || {
-        let queue = &runtime::current().unwrap().callbacks.queue;
-        while let Some(mut job) = queue.pop_wait(&AtomicBool::new(false), None) {
-            let passed = |status| ResponseHead {
-                status,
-                reason: None,
-                headers: vec![],
-            };
-            let event = std::mem::replace(&mut job.event, CallbackEvent::Headers(passed(0)));
-            match event {
-                CallbackEvent::Headers(head) | CallbackEvent::Response(head) => {
-                    job.reply(CallbackReply::Continue(head));
-                }
-                CallbackEvent::Error(_) => {
-                    job.reply(CallbackReply::Continue(passed(0)));
-                }
-                CallbackEvent::Finished(summary) => summaries_tx.send(summary).unwrap(),
-            }
-        }
-    });
-    summaries
+    common::dispatcher(None, |event| match event {
+        CallbackEvent::Headers(head) | CallbackEvent::Response(head) => Some(CallbackReply::pass(Some(head))),
+        _ => Some(CallbackReply::pass(None)),
+    })
 }
 
 fn callbacks_run() -> u64 {

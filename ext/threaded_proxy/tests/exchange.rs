@@ -8,13 +8,12 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
 use bytes::Bytes;
-use threaded_proxy::callbacks::{CallbackEvent, CallbackReply, Summary};
+use threaded_proxy::callbacks::{CallbackEvent, CallbackReply};
 use threaded_proxy::exchange::{self, CallbackSet, ExchangeSpec, Timeouts};
 use threaded_proxy::runtime;
 
@@ -209,33 +208,15 @@ fn callbacks_change_headers_and_the_finished_event_reports_the_exchange() {
         ..CallbackSet::default()
     };
     let spec = spec(&origin.url, callbacks, Duration::from_secs(5));
-    let id = spec.id;
-    let (summaries_tx, summaries) = mpsc::channel::<Summary>();
     // Plays the Ruby dispatcher for this exchange's jobs.
-    thread::spawn(move || {
-        let queue = &runtime::current().unwrap().callbacks.queue;
-        let mut finished = false;
-        while !finished {
-            let Some(mut job) = queue.pop_wait(&AtomicBool::new(false), None) else {
-                return;
-            };
-            if job.exchange_id != id {
-                continue;
-            }
-            match std::mem::replace(&mut job.event, CallbackEvent::Finished(empty_summary())) {
-                CallbackEvent::Headers(mut head) => {
-                    head.headers.retain(|(n, _)| n != "x-drop");
-                    head.headers.push(("x-added".into(), Bytes::from_static(b"yes")));
-                    head.status = 201;
-                    job.reply(CallbackReply::Continue(head));
-                }
-                CallbackEvent::Finished(summary) => {
-                    finished = true;
-                    summaries_tx.send(summary).unwrap();
-                }
-                _ => {}
-            }
+    let summaries = common::dispatcher(Some(spec.id), |event| match event {
+        CallbackEvent::Headers(mut head) => {
+            head.headers.retain(|(n, _)| n != "x-drop");
+            head.headers.push(("x-added".into(), Bytes::from_static(b"yes")));
+            head.status = 201;
+            Some(CallbackReply::Continue(head))
         }
+        _ => None,
     });
     let out = read_all(start(spec));
     assert!(out.starts_with("HTTP/1.1 201 Created\r\n"), "{out}");
@@ -246,21 +227,6 @@ fn callbacks_change_headers_and_the_finished_event_reports_the_exchange() {
     assert!(summary.error.is_none(), "{:?}", summary.error);
     assert_eq!(summary.bytes_from_origin, 2);
     assert_eq!(summary.bytes_to_client as usize, out.len());
-}
-
-fn empty_summary() -> Summary {
-    Summary {
-        method: String::new(),
-        url: String::new(),
-        status: None,
-        head: None,
-        bytes_from_origin: 0,
-        bytes_to_client: 0,
-        bytes_from_client: 0,
-        time_to_first_byte: None,
-        total_time: Duration::ZERO,
-        error: None,
-    }
 }
 
 #[test]

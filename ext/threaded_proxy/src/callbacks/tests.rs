@@ -3,32 +3,44 @@
 use super::*;
 use std::thread;
 
-#[test]
-fn every_event_has_its_own_kind_and_callback() {
-    let head = ResponseHead {
-        status: 200,
+// What these tests share stays here, in this `#[cfg(test)]` module: the
+// black-box tests in tests/ share theirs through tests/common (cargo's
+// convention), and one module for both would have to be public in the
+// library (doc-hidden, or behind a feature) for a few lines of helpers.
+
+/// A head with `status`, no reason and no headers.
+fn head(status: u16) -> ResponseHead {
+    ResponseHead {
+        status,
         reason: None,
         headers: vec![],
-    };
-    let report = ErrorReport::from(&ProxyError::Internal {
+    }
+}
+
+/// An internal error's report, where any error event will do.
+fn internal_error() -> ErrorReport {
+    ErrorReport::from(&ProxyError::Internal {
         message: String::new(),
-    });
+    })
+}
+
+/// The next job, waited for as a dispatcher thread waits (never
+/// interrupted, no deadline).
+fn next_job(queue: &BlockingQueue<CallbackJob>) -> Option<CallbackJob> {
+    queue.pop_wait(&AtomicBool::new(false), None)
+}
+
+#[test]
+fn every_event_has_its_own_kind_and_callback() {
     let summary = Summary {
         method: "GET".into(),
         url: "http://x".into(),
-        status: None,
-        head: None,
-        bytes_from_origin: 0,
-        bytes_to_client: 0,
-        bytes_from_client: 0,
-        time_to_first_byte: None,
-        total_time: Duration::ZERO,
-        error: None,
+        ..Summary::default()
     };
     let events = [
-        CallbackEvent::Headers(head.clone()),
-        CallbackEvent::Response(head),
-        CallbackEvent::Error(report),
+        CallbackEvent::Headers(head(200)),
+        CallbackEvent::Response(head(200)),
+        CallbackEvent::Error(internal_error()),
         CallbackEvent::Finished(summary),
     ];
     let named: Vec<_> = events.iter().map(|e| (e.name(), e.callback())).collect();
@@ -100,28 +112,17 @@ async fn a_reply_from_another_thread_reaches_the_task() {
     let bridge = Arc::new(CallbackBridge::new(Duration::from_secs(5)));
     let worker_bridge = bridge.clone();
     let worker = thread::spawn(move || {
-        let mut job = worker_bridge
-            .queue
-            .pop_wait(&AtomicBool::new(false), None)
-            .unwrap();
-        let CallbackEvent::Headers(mut head) = std::mem::replace(
-            &mut job.event,
-            CallbackEvent::Error(ErrorReport::from(&ProxyError::Internal {
-                message: String::new(),
-            })),
-        ) else {
+        let mut job = next_job(&worker_bridge.queue).unwrap();
+        let CallbackEvent::Headers(mut head) =
+            std::mem::replace(&mut job.event, CallbackEvent::Error(internal_error()))
+        else {
             panic!("expected a headers job")
         };
         head.headers.push(("x-added".into(), Bytes::from_static(b"1")));
         job.reply(CallbackReply::Continue(head));
     });
-    let head = ResponseHead {
-        status: 200,
-        reason: None,
-        headers: vec![],
-    };
     let reply = bridge
-        .call(7, CallbackEvent::Headers(head), "http://x")
+        .call(7, CallbackEvent::Headers(head(200)), "http://x")
         .await
         .unwrap();
     worker.join().unwrap();
@@ -134,13 +135,8 @@ async fn a_reply_from_another_thread_reaches_the_task() {
 #[tokio::test(start_paused = true)]
 async fn a_silent_dispatcher_times_out_instead_of_hanging() {
     let bridge = CallbackBridge::new(Duration::from_secs(30));
-    let head = ResponseHead {
-        status: 200,
-        reason: None,
-        headers: vec![],
-    };
     let err = bridge
-        .call(1, CallbackEvent::Headers(head), "http://x")
+        .call(1, CallbackEvent::Headers(head(200)), "http://x")
         .await
         .err()
         .unwrap();
@@ -150,28 +146,17 @@ async fn a_silent_dispatcher_times_out_instead_of_hanging() {
 #[test]
 fn a_job_whose_exchange_stopped_waiting_is_stale() {
     let bridge = CallbackBridge::new(Duration::from_secs(30));
-    let head = ResponseHead {
-        status: 200,
-        reason: None,
-        headers: vec![],
-    };
     let rx = bridge
-        .request(1, CallbackEvent::Headers(head.clone()), None, "http://x")
+        .request(1, CallbackEvent::Headers(head(200)), None, "http://x")
         .unwrap();
     let _kept = bridge
-        .request(2, CallbackEvent::Headers(head), None, "http://x")
+        .request(2, CallbackEvent::Headers(head(200)), None, "http://x")
         .unwrap();
-    bridge.notify(
-        3,
-        CallbackEvent::Error(ErrorReport::from(&ProxyError::Internal {
-            message: String::new(),
-        })),
-    );
+    bridge.notify(3, CallbackEvent::Error(internal_error()));
     drop(rx);
-    let flag = AtomicBool::new(false);
-    let stale = bridge.queue.pop_wait(&flag, None).unwrap();
-    let live = bridge.queue.pop_wait(&flag, None).unwrap();
-    let notice = bridge.queue.pop_wait(&flag, None).unwrap();
+    let stale = next_job(&bridge.queue).unwrap();
+    let live = next_job(&bridge.queue).unwrap();
+    let notice = next_job(&bridge.queue).unwrap();
     assert!(stale.is_stale());
     assert!(!live.is_stale());
     assert!(!notice.is_stale(), "a job without a reply is never stale");
@@ -180,15 +165,10 @@ fn a_job_whose_exchange_stopped_waiting_is_stale() {
 #[tokio::test]
 async fn a_dropped_job_is_a_failure_not_a_hang() {
     let bridge = CallbackBridge::new(Duration::from_secs(30));
-    let head = ResponseHead {
-        status: 200,
-        reason: None,
-        headers: vec![],
-    };
     let rx = bridge
-        .request(1, CallbackEvent::Headers(head), None, "http://x")
+        .request(1, CallbackEvent::Headers(head(200)), None, "http://x")
         .unwrap();
-    drop(bridge.queue.pop_wait(&AtomicBool::new(false), None));
+    drop(next_job(&bridge.queue));
     let err = bridge
         .await_reply(rx, "http://x", "on_headers")
         .await

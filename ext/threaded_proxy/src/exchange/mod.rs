@@ -162,14 +162,9 @@ fn empty_summary(method: &Method, url: String, total_time: Duration, err: &Proxy
     Summary {
         method: method.to_string(),
         url,
-        status: None,
-        head: None,
-        bytes_from_origin: 0,
-        bytes_to_client: 0,
-        bytes_from_client: 0,
-        time_to_first_byte: None,
         total_time,
         error: Some(ErrorReport::from(err)),
+        ..Summary::default()
     }
 }
 

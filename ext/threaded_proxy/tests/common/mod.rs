@@ -1,8 +1,17 @@
 //! What the black-box tests share: a plain GET exchange to vary with
-//! struct-update syntax.
+//! struct-update syntax, and a thread playing the Ruby dispatcher.
+//!
+//! Cargo's convention for integration tests: each test binary includes this
+//! module (`mod common;`), which is no test binary of its own. The unit
+//! tests in src/ keep their own few helpers in their `#[cfg(test)]`
+//! modules; one module for both would have to be public in the library.
 
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc;
+use std::thread;
 use std::time::Duration;
 
+use threaded_proxy::callbacks::{CallbackEvent, CallbackReply, Summary};
 use threaded_proxy::exchange::{CallbackSet, ExchangeSpec, Timeouts};
 use threaded_proxy::headers::ClientRequest;
 use threaded_proxy::origin::{BodySource, TlsSettings};
@@ -32,4 +41,41 @@ pub fn get(id: u64, url: &str) -> ExchangeSpec {
         upgrade: None,
         tunnel: None,
     }
+}
+
+/// Plays the Ruby dispatcher on a thread of its own: takes the jobs of the
+/// process's callback queue, gives each event that waits for an answer
+/// to `answer` (its reply goes back to the exchange; None drops the job
+/// unanswered) and hands each `Finished` summary to the receiver returned.
+/// With `only`, it takes one exchange's jobs (dropping the others) and
+/// ends after that exchange's `Finished`, its last job.
+// Not every test binary that includes this module calls it.
+#[allow(dead_code)]
+pub fn dispatcher<F>(only: Option<u64>, mut answer: F) -> mpsc::Receiver<Summary>
+where
+    F: FnMut(CallbackEvent) -> Option<CallbackReply> + Send + 'static,
+{
+    let (summaries_tx, summaries) = mpsc::channel();
+    thread::spawn(move || {
+        let queue = &threaded_proxy::runtime::current().unwrap().callbacks.queue;
+        while let Some(mut job) = queue.pop_wait(&AtomicBool::new(false), None) {
+            if only.is_some_and(|id| job.exchange_id != id) {
+                continue;
+            }
+            let placeholder = CallbackEvent::Finished(Summary::default());
+            match std::mem::replace(&mut job.event, placeholder) {
+                CallbackEvent::Finished(summary) => {
+                    if summaries_tx.send(summary).is_err() || only.is_some() {
+                        return;
+                    }
+                }
+                event => {
+                    if let Some(reply) = answer(event) {
+                        job.reply(reply);
+                    }
+                }
+            }
+        }
+    });
+    summaries
 }
