@@ -9,6 +9,8 @@ require "rbconfig"
 # by the spec), real Puma in cluster mode, raw SSE clients.
 RSpec.describe "event streams across processes (events_url)" do
   EVENTS_ROOT_DIR = File.expand_path("../..", __dir__)
+  # The advisory lock every publish takes (src/events/postgres.rs).
+  PUBLISH_LOCK = 0x7468_7270_7278_6532
 
   before(:all) { @postgres = PostgresServer.start_or_skip(self) }
 
@@ -62,8 +64,9 @@ RSpec.describe "event streams across processes (events_url)" do
     seen
   end
 
-  # Publishes from a separate Ruby process (a job, a console); its output.
-  def publish_elsewhere(channel, data, id: nil)
+  # Publishes from a separate Ruby process (a job, a console); its output
+  # and exit status.
+  def run_publisher(channel, data, id: nil)
     script = <<~RUBY
       require "threaded_proxy"
       ThreadedProxy.configure { |c| c.events_url = ARGV[0] }
@@ -71,7 +74,12 @@ RSpec.describe "event streams across processes (events_url)" do
     RUBY
     out = IO.popen([RbConfig.ruby, "-I", File.join(EVENTS_ROOT_DIR, "lib"), "-e", script, @url, channel, data, id.to_s],
                    err: %i[child out], &:read)
-    expect($?.success?).to be(true), out
+    [out, $?]
+  end
+
+  def publish_elsewhere(channel, data, id: nil)
+    out, status = run_publisher(channel, data, id: id)
+    expect(status.success?).to be(true), out
     out
   end
 
@@ -98,6 +106,30 @@ RSpec.describe "event streams across processes (events_url)" do
       INSERT INTO threaded_proxy_events (channel, payload) VALUES ('pg', convert_to(E'data: missed\\n\\n', 'UTF8'));
     SQL
     @clients.each { |c| expect(c.take_until("\n\n", timeout: 15)).to eq("data: missed\n\n") }
+  end
+
+  it "fails a publish that waits on a stuck publisher's lock, instead of hanging, and the next publish goes through" do
+    # Another session holds the publish lock (src/events/postgres.rs,
+    # PUBLISH_LOCK) for 30 s, as a publisher hung mid-transaction would.
+    holder = Thread.new do
+      @postgres.psql("events", "SELECT pg_advisory_xact_lock(#{PUBLISH_LOCK}); SELECT pg_sleep(30)")
+    rescue PostgresServer::Unavailable
+      :terminated # by the ensure below
+    end
+    deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + 10
+    until @postgres.psql("events", "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted") == [["1"]]
+      raise "the lock was never taken" if Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
+    end
+    # Without lock_timeout this publish would wait the 30 s, then succeed.
+    out, status = run_publisher("pg", "blocked")
+    expect(status.success?).to be(false)
+    expect(out).to match(/publish through events_url failed: .*canceling statement due to (lock|statement) timeout/)
+  ensure
+    @postgres.psql("events", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(30)%' " \
+                             "AND pid <> pg_backend_pid()")
+    expect(holder.value).to eq(:terminated)
+    publish_elsewhere("pg", "after the lock", id: "l1")
+    @clients.each { |c| expect(c.take_until("\n\n", timeout: 10)).to eq("id: l1\ndata: after the lock\n\n") }
   end
 
   it "connects again after the database restarts and delivers what is published then" do

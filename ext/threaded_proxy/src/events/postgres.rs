@@ -17,7 +17,8 @@
 //!   lost as long as the row is still there (rows older than
 //!   [`RETENTION`] are pruned).
 //! - The publisher is the blocking `postgres` client (called without the
-//!   GVL); the listener is a tokio-postgres task on the proxy's runtime.
+//!   GVL), bounded by [`PUBLISH_TIMEOUT`]; the listener is a tokio-postgres
+//!   task on the proxy's runtime.
 
 use std::str::FromStr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -55,9 +56,24 @@ CREATE TABLE IF NOT EXISTS threaded_proxy_events (
 /// because a forked child must not talk on its parent's socket.
 static PUBLISHER: Mutex<Option<(u32, String, postgres::Client)>> = Mutex::new(None);
 
+/// The longest a publish waits on the database, so a stuck database fails
+/// the publish instead of hanging the caller: for the connection, for a
+/// lock (another process's publish that holds `PUBLISH_LOCK` and hangs;
+/// `lock_timeout`), for a statement (`statement_timeout`), and for bytes
+/// the database does not acknowledge (a lost network; `TCP_USER_TIMEOUT`).
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn connect_blocking(url: &str) -> Result<postgres::Client, String> {
     let mut config = postgres::Config::from_str(url).map_err(|e| format!("events_url: {e}"))?;
-    config.connect_timeout(Duration::from_secs(5));
+    let ms = PUBLISH_TIMEOUT.as_millis();
+    // After the URL's own `options`, so these two win.
+    let options = format!(
+        "{} -c lock_timeout={ms} -c statement_timeout={ms}",
+        config.get_options().unwrap_or("")
+    );
+    config.options(options.trim_start());
+    config.connect_timeout(PUBLISH_TIMEOUT);
+    config.tcp_user_timeout(PUBLISH_TIMEOUT);
     config.application_name("threaded-proxy events");
     let mut client = config.connect(postgres::NoTls).map_err(|e| db_message(&e))?;
     let mut tx = client.transaction().map_err(|e| db_message(&e))?;

@@ -120,8 +120,7 @@ fn publish_remote(
             .map_err(|m| errors::argument_error(ruby, m))?;
         drop(data);
         // The blocking client cannot be woken early: an interrupt waits for
-        // the statement (bounded by the connect timeout when the database
-        // is gone).
+        // the statement, at most PUBLISH_TIMEOUT (postgres.rs).
         let stored = nogvl(
             ruby,
             || events::postgres::publish(&url, &channel, id.as_deref(), &encoded),
