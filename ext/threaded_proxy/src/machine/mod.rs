@@ -12,6 +12,7 @@ pub mod route;
 
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -257,25 +258,56 @@ async fn accept_loop(machine: Arc<Machine>, listener: TcpListener) {
     closed.notify_all();
 }
 
-/// Counts the connection open while it lives.
-struct Open<'a>(&'a MachineStats);
+/// A connection's hold on its machine from accept to close: counted in
+/// `open` and in the tracker (which `stop` waits on). Owned, unlike a
+/// `TrackerGuard`, so it moves from the routing task to the join's.
+struct Held {
+    machine: Arc<Machine>,
+}
 
-impl Drop for Open<'_> {
+impl Held {
+    fn new(machine: Arc<Machine>) -> Held {
+        machine.tracker.arrive();
+        machine.stats.open.fetch_add(1, Relaxed);
+        Held { machine }
+    }
+
+    /// Runs `work` until it ends or the machine cuts every connection
+    /// (then the caller drops it, closing its sockets): None. Pinned by
+    /// the caller: a future moved in here would take room twice in the
+    /// task (the argument and select's copy).
+    async fn until_cut<F: std::future::Future>(&self, work: Pin<&mut F>) -> Option<F::Output> {
+        let mut cut = self.machine.cut.subscribe();
+        tokio::select! {
+            done = work => Some(done),
+            _ = cut.wait_for(|c| *c) => None,
+        }
+    }
+}
+
+impl Drop for Held {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Relaxed);
+        self.machine.stats.open.fetch_sub(1, Relaxed);
+        self.machine.tracker.leave();
     }
 }
 
 async fn serve(machine: Arc<Machine>, client: tokio::net::TcpStream) {
-    let _tracked = machine.tracker.enter();
-    machine.stats.open.fetch_add(1, Relaxed);
-    let _open = Open(&machine.stats);
-    let mut cut = machine.cut.subscribe();
-    tokio::select! {
-        _ = route::run(&machine, client) => {}
-        // Dropping the connection's future closes both of its sockets.
-        _ = cut.wait_for(|c| *c) => {}
-    }
+    let held = Held::new(machine);
+    let routed = {
+        let routing = pin!(route::run(&held.machine, client));
+        held.until_cut(routing).await
+    };
+    let Some(Some(joined)) = routed else {
+        return;
+    };
+    // A task of its own: the routing task's allocation (sized for its
+    // largest state) is freed, and an idle joined connection holds only
+    // the join's (issue 18, RSS per idle routed connection).
+    tokio::spawn(async move {
+        let join = pin!(joined.run(&held.machine));
+        held.until_cut(join).await;
+    });
 }
 
 #[cfg(test)]
@@ -286,6 +318,8 @@ mod tests {
 
     /// The most bytes a connection's future may take (see the test).
     const SERVE_FUTURE_MAX: usize = 1024;
+    /// The most bytes a joined connection's task future may take.
+    const JOIN_FUTURE_MAX: usize = 1024;
 
     /// Plays the Ruby side: answers route jobs with `decide` on a thread,
     /// and tells `seen` what each job showed.
@@ -371,18 +405,28 @@ mod tests {
             .unwrap();
         let future = serve(machine.clone(), client);
         let size = std::mem::size_of_val(&future);
-        eprintln!(
-            "serve future: {size} bytes; the join's: {}",
-            std::mem::size_of_val(&join::run(
-                &machine,
-                tokio::net::TcpStream::connect(("127.0.0.1", machine.port))
-                    .await
-                    .unwrap(),
-                Bytes::new(),
-                Remote::default()
-            ))
-        );
+        let joined = join::connect(
+            &machine,
+            tokio::net::TcpStream::connect(("127.0.0.1", machine.port))
+                .await
+                .unwrap(),
+            Bytes::new(),
+            Remote {
+                address: format!("127.0.0.1:{}", machine.port),
+                ..Remote::default()
+            },
+        )
+        .await
+        .unwrap();
+        let held = Held::new(machine.clone());
+        let join = async move {
+            let join = pin!(joined.run(&held.machine));
+            held.until_cut(join).await;
+        };
+        let join_size = std::mem::size_of_val(&join);
+        eprintln!("serve future: {size} bytes; the join's: {join_size}");
         assert!(size <= SERVE_FUTURE_MAX, "serve future is {size} bytes");
+        assert!(join_size <= JOIN_FUTURE_MAX, "join future is {join_size} bytes");
         machine.stop_accepting();
     }
 
