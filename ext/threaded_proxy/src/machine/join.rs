@@ -38,7 +38,9 @@ enum End {
 /// task and its larger state are gone by then; issue 18, RSS per idle
 /// routed connection).
 pub struct Joined {
+    /// The accepted connection (its one registration, from accept).
     client: TcpStream,
+    /// The connection to the remote.
     upstream: TcpStream,
     /// The remote as the block named it, for `proxy_inactivity_error`.
     address: String,
@@ -143,6 +145,7 @@ enum Carrier {
     /// Linux). Freed as soon as it is empty and the source has nothing
     /// more, so an idle joined connection holds no buffer.
     Buffer {
+        /// `COPY_BUFFER` bytes.
         bytes: Box<[u8]>,
         /// Where the queued bytes begin (they were read to the end of the
         /// previous ones and are written from here).
@@ -166,15 +169,20 @@ enum Source {
 /// the readiness of the sockets the join owns (their one registration
 /// each: the read side of `from`, the write side of `to`).
 struct Way<'a> {
+    /// Read until EOF (its read readiness is this direction's).
     from: &'a TcpStream,
+    /// Written, then shut down for writing (its write readiness is this
+    /// direction's).
     to: &'a TcpStream,
     /// This direction's byte counter in the machine's stats (to the remote
     /// or to the client).
     count: &'a AtomicU64,
+    /// Where the bytes read wait to be written.
     carrier: Carrier,
     /// Bytes taken from `from` and not yet given to `to` (in the pipe or
     /// the buffer).
     queued: usize,
+    /// Whether to read on, and how the direction ends once drained.
     source: Source,
 }
 

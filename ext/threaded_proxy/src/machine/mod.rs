@@ -262,6 +262,8 @@ async fn accept_loop(machine: Arc<Machine>, listener: TcpListener) {
 /// `open` and in the tracker (which `stop` waits on). Owned, unlike a
 /// `TrackerGuard`, so it moves from the routing task to the join's.
 struct Held {
+    /// The machine counted in; also what the connection's tasks borrow
+    /// (settings, stats, the Ruby queue).
     machine: Arc<Machine>,
 }
 
@@ -448,5 +450,60 @@ mod tests {
             .unwrap();
         assert!(back.is_empty());
         assert_eq!(machine.stats.route_failures.load(Relaxed), 1);
+    }
+
+    /// The one inactivity timer is not reset per byte: it must still see
+    /// bytes that moved after it was set, and cut only real silence.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn traffic_keeps_a_join_alive_and_silence_cuts_it() {
+        let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        static PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+        PORT.store(echo.local_addr().unwrap().port(), Relaxed);
+        tokio::spawn(async move {
+            let (mut conn, _) = echo.accept().await.unwrap();
+            let (mut rd, mut wr) = conn.split();
+            let _ = tokio::io::copy(&mut rd, &mut wr).await;
+        });
+        let machine = Machine::start(Settings::default(), &tokio::runtime::Handle::current()).unwrap();
+        let (seen_tx, _seen) = std::sync::mpsc::channel();
+        let block = block_thread(
+            machine.clone(),
+            |_| {
+                Answer::Remote(Remote {
+                    address: format!("127.0.0.1:{}", PORT.load(Relaxed)),
+                    inactivity_timeout: Some(Duration::from_millis(300)),
+                    ..Remote::default()
+                })
+            },
+            seen_tx,
+        );
+        let mut client = tokio::net::TcpStream::connect(("127.0.0.1", machine.port))
+            .await
+            .unwrap();
+        client.write_all(b"x").await.unwrap();
+        let mut byte = [0u8; 1];
+        // Twice the limit, a byte each way every 100 ms: never cut.
+        for _ in 0..6 {
+            client.read_exact(&mut byte).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            client.write_all(b"x").await.unwrap();
+        }
+        client.read_exact(&mut byte).await.unwrap();
+        assert_eq!(machine.stats.inactivity_cuts.load(Relaxed), 0);
+        let silent = tokio::time::Instant::now();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest))
+            .await
+            .unwrap()
+            .unwrap();
+        let waited = silent.elapsed();
+        assert!(
+            waited >= Duration::from_millis(250),
+            "cut after {waited:?} of silence"
+        );
+        assert_eq!(machine.stats.inactivity_cuts.load(Relaxed), 1);
+        machine.stop_accepting();
+        machine.jobs.close();
+        block.join().unwrap();
     }
 }
