@@ -228,18 +228,28 @@ pub struct TrackerGuard<'a>(&'a Tracker);
 
 impl Drop for TrackerGuard<'_> {
     fn drop(&mut self) {
-        let mut active = self.0.active.lock().unwrap_or_else(|e| e.into_inner());
-        *active -= 1;
-        if *active == 0 {
-            self.0.idle.notify_all();
-        }
+        self.0.leave();
     }
 }
 
 impl Tracker {
     pub fn enter(&self) -> TrackerGuard<'_> {
-        *self.active.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.arrive();
         TrackerGuard(self)
+    }
+
+    /// Counts a task in without a guard, for a holder that moves between
+    /// tasks (the machine's connections); [`Tracker::leave`] counts it out.
+    pub fn arrive(&self) {
+        *self.active.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+    }
+
+    pub fn leave(&self) {
+        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        *active -= 1;
+        if *active == 0 {
+            self.idle.notify_all();
+        }
     }
 
     pub fn active(&self) -> usize {

@@ -8,6 +8,10 @@
 //! THREADED_PROXY_ZERO_COPY=0: see `runtime::Settings`), `Splicer::new`
 //! refuses and the exchange copies the body, the same path either way, so the
 //! path a Mac takes is the one CI runs with the switch.
+//!
+//! The machine's joins use [`Pipe`] alone: they drive readiness on the
+//! sockets they own (one registration each), where an exchange's client
+//! socket is registered by its split halves and needs the splicer's own.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -27,8 +31,7 @@ use crate::handoff;
 use crate::stats::Meter;
 
 /// What a splice reports as each piece reaches the destination: an
-/// exchange's `Meter` (origin and client bytes, stats), or a machine
-/// connection's counters (bytes one way, its inactivity clock).
+/// exchange's `Meter` (origin and client bytes, stats).
 pub trait Spliced {
     fn spliced(&self, n: u64);
 }
@@ -82,13 +85,70 @@ impl SpliceEnd {
     }
 }
 
+/// A pipe for splice(2): the kernel buffer bytes pass through between two
+/// sockets.
+#[cfg(target_os = "linux")]
+pub struct Pipe {
+    /// Where spliced bytes are taken out (towards the destination).
+    read: OwnedFd,
+    /// Where spliced bytes are put in (from the source).
+    write: OwnedFd,
+    /// The most bytes it holds (the kernel's answer to [`PIPE_SIZE`]):
+    /// filling asks for no more, so a full pipe never blocks a splice in.
+    capacity: usize,
+}
+
+#[cfg(target_os = "linux")]
+impl Pipe {
+    /// Fails when zero copy is switched off or no descriptor is left (the
+    /// caller copies instead).
+    pub fn new() -> io::Result<Pipe> {
+        if !crate::runtime::zero_copy() {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two descriptors into the array it is given.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both descriptors are fresh and owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: F_SETPIPE_SZ / F_GETPIPE_SZ only act on our own pipe; a
+        // refusal (over the user's pipe budget) leaves the default size.
+        let capacity = unsafe {
+            libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE);
+            libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ)
+        };
+        Ok(Pipe {
+            read,
+            write,
+            capacity: usize::try_from(capacity).unwrap_or(64 * 1024).max(4096),
+        })
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Socket `from` → pipe, at most `want` bytes, without waiting: 0 at
+    /// EOF, `WouldBlock` when `from` has nothing.
+    pub fn fill(&self, from: RawFd, want: usize) -> io::Result<usize> {
+        splice(from, self.write.as_raw_fd(), want)
+    }
+
+    /// Pipe → socket `to`, at most `queued` bytes (what the pipe holds),
+    /// without waiting: `WouldBlock` when `to` takes nothing now.
+    pub fn drain(&self, to: RawFd, queued: usize) -> io::Result<usize> {
+        splice(self.read.as_raw_fd(), to, queued)
+    }
+}
+
 /// A pipe and a writable-readiness registration of the client socket, for
 /// one body.
 #[cfg(target_os = "linux")]
 pub struct Splicer {
-    pipe_read: OwnedFd,
-    pipe_write: OwnedFd,
-    capacity: usize,
+    /// The body's way through the kernel.
+    pipe: Pipe,
     /// A duplicate of the client's descriptor: the exchange's own
     /// registration belongs to its split halves, and epoll takes a second
     /// one only under another descriptor.
@@ -100,33 +160,13 @@ impl Splicer {
     /// Fails (and the body is copied instead) when zero copy is switched
     /// off or no descriptor is left for the pipe.
     pub fn new(client_fd: RawFd) -> io::Result<Splicer> {
-        if !crate::runtime::zero_copy() {
-            return Err(io::ErrorKind::Unsupported.into());
-        }
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 writes two descriptors into the array it is given.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: both descriptors are fresh and owned by nobody else.
-        let (pipe_read, pipe_write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // SAFETY: F_SETPIPE_SZ / F_GETPIPE_SZ only act on our own pipe; a
-        // refusal (over the user's pipe budget) leaves the default size.
-        let capacity = unsafe {
-            libc::fcntl(pipe_write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE);
-            libc::fcntl(pipe_write.as_raw_fd(), libc::F_GETPIPE_SZ)
-        };
+        let pipe = Pipe::new()?;
         let duplicate = handoff::duplicate(client_fd)?;
         // SAFETY: the AsyncFd owns the duplicate, so the descriptor stays
         // open and names the same socket until the AsyncFd is dropped.
         let client = unsafe { AsyncFd::register_with_interest(duplicate, Interest::WRITABLE) }
             .map_err(io::Error::from)?;
-        Ok(Splicer {
-            pipe_read,
-            pipe_write,
-            capacity: usize::try_from(capacity).unwrap_or(64 * 1024).max(4096),
-            client,
-        })
+        Ok(Splicer { pipe, client })
     }
 
     /// Moves exactly `length` bytes from `origin` to the client, counting
@@ -147,7 +187,7 @@ impl Splicer {
         let mut origin_end = None;
         while (to_read > 0 && origin_end.is_none()) || in_pipe > 0 {
             let want = match origin_end {
-                None => to_read.min((self.capacity - in_pipe) as u64) as usize,
+                None => to_read.min((self.pipe.capacity - in_pipe) as u64) as usize,
                 Some(_) => 0,
             };
             tokio::select! {
@@ -180,9 +220,7 @@ impl Splicer {
     async fn fill(&self, origin: &TcpStream, want: usize) -> io::Result<usize> {
         loop {
             origin.readable().await?;
-            let result = origin.try_io(Interest::READABLE, || {
-                splice(origin.as_raw_fd(), self.pipe_write.as_raw_fd(), want)
-            });
+            let result = origin.try_io(Interest::READABLE, || self.pipe.fill(origin.as_raw_fd(), want));
             match result {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 other => return other,
@@ -194,8 +232,7 @@ impl Splicer {
     async fn drain(&self, in_pipe: usize) -> io::Result<usize> {
         loop {
             let mut ready = self.client.writable().await?;
-            let result =
-                ready.try_io(|client| splice(self.pipe_read.as_raw_fd(), client.as_raw_fd(), in_pipe));
+            let result = ready.try_io(|client| self.pipe.drain(client.as_raw_fd(), in_pipe));
             match result {
                 Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(other) => return other,
@@ -224,6 +261,30 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
+    }
+}
+
+/// Without splice(2) there is never a pipe: `new` refuses, so the machine
+/// copies, and the other methods cannot be reached (no value exists).
+#[cfg(not(target_os = "linux"))]
+pub struct Pipe(std::convert::Infallible);
+
+#[cfg(not(target_os = "linux"))]
+impl Pipe {
+    pub fn new() -> io::Result<Pipe> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    pub fn capacity(&self) -> usize {
+        match self.0 {}
+    }
+
+    pub fn fill(&self, _from: RawFd, _want: usize) -> io::Result<usize> {
+        match self.0 {}
+    }
+
+    pub fn drain(&self, _to: RawFd, _queued: usize) -> io::Result<usize> {
+        match self.0 {}
     }
 }
 

@@ -5,13 +5,12 @@
 //! connection, the client writer, buffers.
 
 mod common;
+#[path = "common/memory.rs"]
+mod memory;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,49 +18,8 @@ use threaded_proxy::exchange::{self, ExchangeSpec, Timeouts};
 use threaded_proxy::runtime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-thread_local! {
-    /// Set on the origin's threads: their memory is not the proxy's.
-    static NOT_COUNTED: Cell<bool> = const { Cell::new(false) };
-}
-
-fn counted() -> bool {
-    NOT_COUNTED.try_with(|flag| !flag.get()).unwrap_or(true)
-}
-
-// SAFETY: every call is passed on to the system allocator unchanged; the
-// counter only observes sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if counted() {
-            LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        }
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if counted() {
-            LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        }
-        // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if counted() {
-            LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
-        }
-        // SAFETY: same contract as the caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: memory::Counting = memory::Counting;
 
 const HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
 Transfer-Encoding: chunked\r\n\r\n";
@@ -72,7 +30,7 @@ const EVENT: &[u8] = b"12\r\ndata: 0123456789\n\n\r\n";
 fn sse_origin() -> String {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        NOT_COUNTED.with(|flag| flag.set(true));
+        memory::do_not_count_this_thread();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -114,28 +72,6 @@ fn spec(id: u64, url: &str) -> ExchangeSpec {
     }
 }
 
-/// Each stream takes 4 fds here (client pair, proxy and origin ends of
-/// the TCP connection): lift the soft limit towards the hard one.
-fn raise_fd_limit(wanted: u64) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write `limit`.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
-        if limit.rlim_cur < wanted {
-            limit.rlim_cur = wanted.min(limit.rlim_max);
-            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
-        }
-    }
-    assert!(
-        limit.rlim_cur >= wanted,
-        "the hard fd limit {} is below {wanted}",
-        limit.rlim_max
-    );
-}
-
 /// Opens `count` streams and waits until each client has its first event.
 fn open_streams(url: &str, first_id: u64, count: usize) -> Vec<UnixStream> {
     let proxy = runtime::current().unwrap();
@@ -161,15 +97,17 @@ fn open_streams(url: &str, first_id: u64, count: usize) -> Vec<UnixStream> {
 
 #[test]
 fn an_open_stream_holds_a_few_kib() {
-    raise_fd_limit(5_000);
+    // Each stream takes 4 fds here (client pair, proxy and origin ends of
+    // the TCP connection).
+    memory::raise_fd_limit(5_000);
     let url = sse_origin();
     // Warm-up: runtime, pools, timers reach their working size.
     let warm = open_streams(&url, 1, 50);
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = memory::live();
     let count = 1000;
     let streams = open_streams(&url, 1000, count);
     std::thread::sleep(Duration::from_millis(200)); // let tasks settle after the event
-    let per_stream = (LIVE.load(Ordering::Relaxed) - before) as f64 / count as f64;
+    let per_stream = (memory::live() - before) as f64 / count as f64;
     let active = runtime::current().unwrap().stats.exchanges.active() as u64;
     eprintln!("live heap per open stream: {per_stream:.0} bytes ({active} exchanges open)");
     assert_eq!(active, (50 + count) as u64, "every stream is still open");

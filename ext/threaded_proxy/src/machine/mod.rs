@@ -12,6 +12,7 @@ pub mod route;
 
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -257,25 +258,58 @@ async fn accept_loop(machine: Arc<Machine>, listener: TcpListener) {
     closed.notify_all();
 }
 
-/// Counts the connection open while it lives.
-struct Open<'a>(&'a MachineStats);
+/// A connection's hold on its machine from accept to close: counted in
+/// `open` and in the tracker (which `stop` waits on). Owned, unlike a
+/// `TrackerGuard`, so it moves from the routing task to the join's.
+struct Held {
+    /// The machine counted in; also what the connection's tasks borrow
+    /// (settings, stats, the Ruby queue).
+    machine: Arc<Machine>,
+}
 
-impl Drop for Open<'_> {
+impl Held {
+    fn new(machine: Arc<Machine>) -> Held {
+        machine.tracker.arrive();
+        machine.stats.open.fetch_add(1, Relaxed);
+        Held { machine }
+    }
+
+    /// Runs `work` until it ends or the machine cuts every connection
+    /// (then the caller drops it, closing its sockets): None. Pinned by
+    /// the caller: a future moved in here would take room twice in the
+    /// task (the argument and select's copy).
+    async fn until_cut<F: std::future::Future>(&self, work: Pin<&mut F>) -> Option<F::Output> {
+        let mut cut = self.machine.cut.subscribe();
+        tokio::select! {
+            done = work => Some(done),
+            _ = cut.wait_for(|c| *c) => None,
+        }
+    }
+}
+
+impl Drop for Held {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Relaxed);
+        self.machine.stats.open.fetch_sub(1, Relaxed);
+        self.machine.tracker.leave();
     }
 }
 
 async fn serve(machine: Arc<Machine>, client: tokio::net::TcpStream) {
-    let _tracked = machine.tracker.enter();
-    machine.stats.open.fetch_add(1, Relaxed);
-    let _open = Open(&machine.stats);
-    let mut cut = machine.cut.subscribe();
-    tokio::select! {
-        _ = route::run(&machine, client) => {}
-        // Dropping the connection's future closes both of its sockets.
-        _ = cut.wait_for(|c| *c) => {}
-    }
+    let held = Held::new(machine);
+    let routed = {
+        let routing = pin!(route::run(&held.machine, client));
+        held.until_cut(routing).await
+    };
+    let Some(Some(joined)) = routed else {
+        return;
+    };
+    // A task of its own: the routing task's allocation (sized for its
+    // largest state) is freed, and an idle joined connection holds only
+    // the join's (issue 18, RSS per idle routed connection).
+    tokio::spawn(async move {
+        let join = pin!(joined.run(&held.machine));
+        held.until_cut(join).await;
+    });
 }
 
 #[cfg(test)]
@@ -286,6 +320,8 @@ mod tests {
 
     /// The most bytes a connection's future may take (see the test).
     const SERVE_FUTURE_MAX: usize = 1024;
+    /// The most bytes a joined connection's task future may take.
+    const JOIN_FUTURE_MAX: usize = 1024;
 
     /// Plays the Ruby side: answers route jobs with `decide` on a thread,
     /// and tells `seen` what each job showed.
@@ -371,18 +407,28 @@ mod tests {
             .unwrap();
         let future = serve(machine.clone(), client);
         let size = std::mem::size_of_val(&future);
-        eprintln!(
-            "serve future: {size} bytes; the join's: {}",
-            std::mem::size_of_val(&join::run(
-                &machine,
-                tokio::net::TcpStream::connect(("127.0.0.1", machine.port))
-                    .await
-                    .unwrap(),
-                Bytes::new(),
-                Remote::default()
-            ))
-        );
+        let joined = join::connect(
+            &machine,
+            tokio::net::TcpStream::connect(("127.0.0.1", machine.port))
+                .await
+                .unwrap(),
+            Bytes::new(),
+            Remote {
+                address: format!("127.0.0.1:{}", machine.port),
+                ..Remote::default()
+            },
+        )
+        .await
+        .unwrap();
+        let held = Held::new(machine.clone());
+        let join = async move {
+            let join = pin!(joined.run(&held.machine));
+            held.until_cut(join).await;
+        };
+        let join_size = std::mem::size_of_val(&join);
+        eprintln!("serve future: {size} bytes; the join's: {join_size}");
         assert!(size <= SERVE_FUTURE_MAX, "serve future is {size} bytes");
+        assert!(join_size <= JOIN_FUTURE_MAX, "join future is {join_size} bytes");
         machine.stop_accepting();
     }
 
@@ -404,5 +450,60 @@ mod tests {
             .unwrap();
         assert!(back.is_empty());
         assert_eq!(machine.stats.route_failures.load(Relaxed), 1);
+    }
+
+    /// The one inactivity timer is not reset per byte: it must still see
+    /// bytes that moved after it was set, and cut only real silence.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn traffic_keeps_a_join_alive_and_silence_cuts_it() {
+        let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        static PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+        PORT.store(echo.local_addr().unwrap().port(), Relaxed);
+        tokio::spawn(async move {
+            let (mut conn, _) = echo.accept().await.unwrap();
+            let (mut rd, mut wr) = conn.split();
+            let _ = tokio::io::copy(&mut rd, &mut wr).await;
+        });
+        let machine = Machine::start(Settings::default(), &tokio::runtime::Handle::current()).unwrap();
+        let (seen_tx, _seen) = std::sync::mpsc::channel();
+        let block = block_thread(
+            machine.clone(),
+            |_| {
+                Answer::Remote(Remote {
+                    address: format!("127.0.0.1:{}", PORT.load(Relaxed)),
+                    inactivity_timeout: Some(Duration::from_millis(300)),
+                    ..Remote::default()
+                })
+            },
+            seen_tx,
+        );
+        let mut client = tokio::net::TcpStream::connect(("127.0.0.1", machine.port))
+            .await
+            .unwrap();
+        client.write_all(b"x").await.unwrap();
+        let mut byte = [0u8; 1];
+        // Twice the limit, a byte each way every 100 ms: never cut.
+        for _ in 0..6 {
+            client.read_exact(&mut byte).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            client.write_all(b"x").await.unwrap();
+        }
+        client.read_exact(&mut byte).await.unwrap();
+        assert_eq!(machine.stats.inactivity_cuts.load(Relaxed), 0);
+        let silent = tokio::time::Instant::now();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest))
+            .await
+            .unwrap()
+            .unwrap();
+        let waited = silent.elapsed();
+        assert!(
+            waited >= Duration::from_millis(250),
+            "cut after {waited:?} of silence"
+        );
+        assert_eq!(machine.stats.inactivity_cuts.load(Relaxed), 1);
+        machine.stop_accepting();
+        machine.jobs.close();
+        block.join().unwrap();
     }
 }

@@ -19,8 +19,9 @@ use super::{join, Answer, Job, Machine};
 /// hole stays in the allocator after routing; issue 18, idle RSS).
 const CHUNK: usize = 16 * 1024;
 
-/// Serves one connection to its end.
-pub async fn run(machine: &Machine, mut client: TcpStream) {
+/// Serves one connection until it is routed (then the join is returned,
+/// its remote connected) or closed.
+pub async fn run(machine: &Machine, mut client: TcpStream) -> Option<join::Joined> {
     let max = machine.settings.max_route_bytes;
     let mut buffer = BytesMut::new();
     loop {
@@ -28,7 +29,7 @@ pub async fn run(machine: &Machine, mut client: TcpStream) {
         let room = (max + 1).saturating_sub(buffer.len()).min(CHUNK);
         match read_some(&client, &mut buffer, room).await {
             // A client that leaves before the block decided: not an error.
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => return None,
             Ok(_) => {}
         }
         if buffer.len() > max {
@@ -36,7 +37,7 @@ pub async fn run(machine: &Machine, mut client: TcpStream) {
             machine.log(format!(
                 "client sent more than max_route_bytes ({max}) before the block decided; closed"
             ));
-            return;
+            return None;
         }
         match ask(machine, Bytes::copy_from_slice(&buffer)).await {
             Ok(Answer::Noop) => continue,
@@ -51,24 +52,22 @@ pub async fn run(machine: &Machine, mut client: TcpStream) {
                     }
                 }
                 let _ = client.shutdown().await;
-                return;
+                return None;
             }
             Ok(Answer::Remote(remote)) => {
                 machine.stats.routed.fetch_add(1, Relaxed);
-                // Boxed: a joined connection then holds only the join's
-                // state, not room for it in every routing connection's
-                // task too (issue 18, RSS per idle routed connection).
-                Box::pin(join::run(machine, client, buffer.freeze(), remote)).await;
-                return;
+                // Boxed: connecting is not room in every routing
+                // connection's task (issue 18).
+                return Box::pin(join::connect(machine, client, buffer.freeze(), remote)).await;
             }
             Ok(Answer::Failed) => {
                 machine.stats.route_failures.fetch_add(1, Relaxed);
-                return;
+                return None;
             }
             Err(message) => {
                 machine.stats.route_failures.fetch_add(1, Relaxed);
                 machine.log(format!("routing block failed: {message}; connection closed"));
-                return;
+                return None;
             }
         }
     }
