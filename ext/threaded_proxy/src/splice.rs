@@ -106,6 +106,11 @@ impl Pipe {
         if !crate::runtime::zero_copy() {
             return Err(io::ErrorKind::Unsupported.into());
         }
+        Pipe::sized(PIPE_SIZE)
+    }
+
+    /// A pipe asked to hold `size` bytes.
+    fn sized(size: i32) -> io::Result<Pipe> {
         let mut fds = [0; 2];
         // SAFETY: pipe2 writes two descriptors into the array it is given.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
@@ -116,7 +121,7 @@ impl Pipe {
         // SAFETY: F_SETPIPE_SZ / F_GETPIPE_SZ only act on our own pipe; a
         // refusal (over the user's pipe budget) leaves the default size.
         let capacity = unsafe {
-            libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE);
+            libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, size);
             libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ)
         };
         Ok(Pipe {
@@ -130,16 +135,54 @@ impl Pipe {
         self.capacity
     }
 
-    /// Socket `from` → pipe, at most `want` bytes, without waiting: 0 at
-    /// EOF, `WouldBlock` when `from` has nothing.
-    pub fn fill(&self, from: RawFd, want: usize) -> io::Result<usize> {
-        splice(from, self.write.as_raw_fd(), want)
+    /// Socket `from` → pipe, at most `want` bytes, without waiting, through
+    /// `from`'s read readiness; `queued` is what the pipe holds now.
+    /// `WouldBlock` (readiness cleared) when `from` has nothing. splice(2)
+    /// also refuses with EAGAIN when the pipe's page slots ran out before
+    /// its bytes did (many small segments, a page slot each); clearing
+    /// readiness then would wait for bytes the origin may never send
+    /// again, so a refusal while the pipe holds bytes and `from` has data
+    /// is [`Filled::PipeFull`], readiness kept: fill again once a drain
+    /// freed slots. (An empty pipe refusing with data unread happens too,
+    /// briefly, under load; there no drain would come, so it is
+    /// `WouldBlock`, and the data's arrival sets readiness again.)
+    pub fn fill(&self, from: &TcpStream, want: usize, queued: usize) -> io::Result<Filled> {
+        let fd = from.as_raw_fd();
+        let mut pipe_full = false;
+        let filled = from.try_io(Interest::READABLE, || {
+            match splice(fd, self.write.as_raw_fd(), want) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && queued > 0 && unread(fd) > 0 => {
+                    pipe_full = true;
+                    Ok(0)
+                }
+                other => other,
+            }
+        })?;
+        Ok(if pipe_full {
+            Filled::PipeFull
+        } else {
+            Filled::Bytes(filled)
+        })
     }
 
     /// Pipe → socket `to`, at most `queued` bytes (what the pipe holds),
     /// without waiting: `WouldBlock` when `to` takes nothing now.
     pub fn drain(&self, to: RawFd, queued: usize) -> io::Result<usize> {
         splice(self.read.as_raw_fd(), to, queued)
+    }
+}
+
+/// Bytes a socket holds unread (FIONREAD); 0 when it cannot tell.
+#[cfg(target_os = "linux")]
+fn unread(fd: RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer we pass; `fd` is
+    // open for the call (the caller's borrowed socket).
+    let ok = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) } == 0;
+    if ok {
+        usize::try_from(n).unwrap_or(0)
+    } else {
+        0
     }
 }
 
@@ -185,26 +228,31 @@ impl Splicer {
         // Set when the origin ended early: what is in the pipe still goes
         // out before the exchange fails.
         let mut origin_end = None;
+        // The pipe's slots ran out (see `Pipe::fill`): no fill until a
+        // drain frees some.
+        let mut pipe_full = false;
         while (to_read > 0 && origin_end.is_none()) || in_pipe > 0 {
             let want = match origin_end {
-                None => to_read.min((self.pipe.capacity - in_pipe) as u64) as usize,
-                Some(_) => 0,
+                None if !pipe_full => to_read.min((self.pipe.capacity - in_pipe) as u64) as usize,
+                _ => 0,
             };
             tokio::select! {
                 biased;
                 drained = self.drain(in_pipe), if in_pipe > 0 => match drained {
                     Ok(n) => {
                         in_pipe -= n;
+                        pipe_full = false;
                         meter.spliced(n as u64);
                     }
                     Err(e) => return Err(SpliceEnd::ClientFailed(e)),
                 },
-                filled = self.fill(origin, want), if want > 0 => match filled {
-                    Ok(0) => origin_end = Some(SpliceEnd::OriginClosed(to_read)),
-                    Ok(n) => {
+                filled = self.fill(origin, want, in_pipe), if want > 0 => match filled {
+                    Ok(Filled::Bytes(0)) => origin_end = Some(SpliceEnd::OriginClosed(to_read)),
+                    Ok(Filled::Bytes(n)) => {
                         in_pipe += n;
                         to_read -= n as u64;
                     }
+                    Ok(Filled::PipeFull) => pipe_full = true,
                     Err(e) => origin_end = Some(SpliceEnd::OriginFailed(e)),
                 },
                 _ = tokio::time::sleep(idle) => {
@@ -216,12 +264,12 @@ impl Splicer {
         origin_end.map_or(Ok(()), Err)
     }
 
-    /// Origin socket → pipe, once the socket has data: 0 at EOF.
-    async fn fill(&self, origin: &TcpStream, want: usize) -> io::Result<usize> {
+    /// Origin socket → pipe (holding `in_pipe`), once the socket has data:
+    /// 0 at EOF.
+    async fn fill(&self, origin: &TcpStream, want: usize, in_pipe: usize) -> io::Result<Filled> {
         loop {
             origin.readable().await?;
-            let result = origin.try_io(Interest::READABLE, || self.pipe.fill(origin.as_raw_fd(), want));
-            match result {
+            match self.pipe.fill(origin, want, in_pipe) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 other => return other,
             }
@@ -264,6 +312,16 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
+/// What [`Pipe::fill`] moved.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Filled {
+    /// This many bytes into the pipe; 0 at the socket's EOF.
+    Bytes(usize),
+    /// Nothing: the pipe has no page slot left, though it has bytes of
+    /// room and the socket has data. It holds bytes, so a drain comes.
+    PipeFull,
+}
+
 /// Without splice(2) there is never a pipe: `new` refuses, so the machine
 /// copies, and the other methods cannot be reached (no value exists).
 #[cfg(not(target_os = "linux"))]
@@ -279,7 +337,7 @@ impl Pipe {
         match self.0 {}
     }
 
-    pub fn fill(&self, _from: RawFd, _want: usize) -> io::Result<usize> {
+    pub fn fill(&self, _from: &TcpStream, _want: usize, _queued: usize) -> io::Result<Filled> {
         match self.0 {}
     }
 
@@ -317,5 +375,61 @@ impl Splicer {
 impl Drop for Splicer {
     fn drop(&mut self) {
         match self.0 {}
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let near = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        (near, listener.accept().await.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn a_pipe_out_of_slots_is_full_and_the_socket_stays_ready() {
+        let checked = async {
+            let (mut sender, from) = pair().await;
+            let (sink, _sink_peer) = pair().await;
+            // More than a one-page pipe can hold in any number of slots.
+            let writer = tokio::spawn(async move {
+                let _ = sender.write_all(&vec![7u8; 256 * 1024]).await;
+                sender
+            });
+            let pipe = Pipe::sized(4096).unwrap();
+            let mut filled = 0;
+            loop {
+                from.readable().await.unwrap();
+                match pipe.fill(&from, 256 * 1024, filled) {
+                    Ok(Filled::Bytes(n)) => {
+                        assert!(n > 0, "EOF from a sender still sending");
+                        filled += n;
+                    }
+                    Ok(Filled::PipeFull) => break,
+                    // Not arrived yet: readiness cleared, the next bytes set it.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("fill: {e}"),
+                }
+            }
+            assert!(filled > 0 && filled <= pipe.capacity());
+            // The socket still has data, and says so: a cleared readiness
+            // would wait here for bytes the sender may never send.
+            assert!(unread(from.as_raw_fd()) > 0);
+            let still_ready = tokio::time::timeout(Duration::ZERO, from.readable()).await;
+            assert!(still_ready.is_ok(), "read readiness was cleared");
+            // A drain frees the slots; the next fill moves bytes again.
+            sink.writable().await.unwrap();
+            let left = filled - pipe.drain(sink.as_raw_fd(), filled).unwrap();
+            assert!(left < filled);
+            assert!(matches!(pipe.fill(&from, 256 * 1024, left), Ok(Filled::Bytes(n)) if n > 0));
+            writer.abort();
+        };
+        tokio::time::timeout(Duration::from_secs(10), checked)
+            .await
+            .expect("the fill waited for readiness it had cleared");
     }
 }

@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::{Job, Machine, MachineStats, Remote};
-use crate::splice::Pipe;
+use crate::splice::{Filled, Pipe};
 
 /// Per direction when copying (splice uses a pipe instead).
 const COPY_BUFFER: usize = 64 * 1024;
@@ -184,6 +184,9 @@ struct Way<'a> {
     queued: usize,
     /// Whether to read on, and how the direction ends once drained.
     source: Source,
+    /// The pipe's page slots ran out before its bytes ([`Filled::PipeFull`]):
+    /// no fill until a drain frees some (`from`'s readiness was kept).
+    pipe_full: bool,
 }
 
 impl<'a> Way<'a> {
@@ -195,6 +198,7 @@ impl<'a> Way<'a> {
             carrier: Carrier::Empty,
             queued: 0,
             source: Source::Open,
+            pipe_full: false,
         }
     }
 
@@ -229,6 +233,7 @@ impl<'a> Way<'a> {
                         Ok(0) => return Poll::Ready(Err(End::Failed)),
                         Ok(n) => {
                             self.queued -= n;
+                            self.pipe_full = false;
                             self.count.fetch_add(n as u64, Relaxed);
                             if matches!(self.carrier, Carrier::Pipe(_)) {
                                 stats.bytes_spliced.fetch_add(n as u64, Relaxed);
@@ -257,7 +262,7 @@ impl<'a> Way<'a> {
     fn has_room(&self) -> bool {
         match &self.carrier {
             Carrier::Empty => true,
-            Carrier::Pipe(pipe) => self.queued < pipe.capacity(),
+            Carrier::Pipe(pipe) => !self.pipe_full && self.queued < pipe.capacity(),
             Carrier::Buffer { bytes, start } => start + self.queued < bytes.len(),
         }
     }
@@ -287,10 +292,14 @@ impl<'a> Way<'a> {
         }
         match &mut self.carrier {
             Carrier::Empty => unreachable!("a carrier was just made"),
-            Carrier::Pipe(pipe) => {
-                let want = pipe.capacity() - self.queued;
-                from.try_io(Interest::READABLE, || pipe.fill(from.as_raw_fd(), want))
-            }
+            Carrier::Pipe(pipe) => match pipe.fill(from, pipe.capacity() - self.queued, self.queued)? {
+                Filled::Bytes(n) => Ok(n),
+                Filled::PipeFull => {
+                    // Nothing to read until a drain frees a slot.
+                    self.pipe_full = true;
+                    Err(io::ErrorKind::WouldBlock.into())
+                }
+            },
             Carrier::Buffer { bytes, start } => from.try_read(&mut bytes[*start + self.queued..]),
         }
     }
