@@ -32,27 +32,12 @@ static BACKEND: OnceLock<String> = OnceLock::new();
 /// A backend on its own runtime and thread (not counted): greets every
 /// connection, then holds it open until the other side closes.
 fn backend() -> String {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        memory::do_not_count_this_thread();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(listener.local_addr().unwrap().to_string()).unwrap();
-            loop {
-                let (mut conn, _) = listener.accept().await.unwrap();
-                tokio::spawn(async move {
-                    let _ = conn.write_all(GREETING).await;
-                    let mut buf = [0u8; 1024];
-                    while matches!(conn.read(&mut buf).await, Ok(n) if n > 0) {}
-                });
-            }
-        });
-    });
-    rx.recv().unwrap()
+    memory::peer(|mut conn| async move {
+        let _ = conn.write_all(GREETING).await;
+        let mut buf = [0u8; 1024];
+        while matches!(conn.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .to_string()
 }
 
 /// The routing block, as bench/machine_server.rb has it: "GO" goes to the

@@ -25,38 +25,22 @@ const HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCach
 Transfer-Encoding: chunked\r\n\r\n";
 const EVENT: &[u8] = b"12\r\ndata: 0123456789\n\n\r\n";
 
-/// An SSE origin on its own runtime and threads (not counted): sends the
+/// An SSE origin on its own runtime and thread (not counted): sends the
 /// head and one event on every connection, then holds it open.
 fn sse_origin() -> String {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        memory::do_not_count_this_thread();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(format!("http://{}", listener.local_addr().unwrap()))
-                .unwrap();
-            loop {
-                let (mut conn, _) = listener.accept().await.unwrap();
-                tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match conn.read(&mut buf).await {
-                            Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
-                            _ => return,
-                        }
-                    }
-                    let _ = conn.write_all(&[HEAD, EVENT].concat()).await;
-                    while matches!(conn.read(&mut buf).await, Ok(n) if n > 0) {}
-                });
+    let addr = memory::peer(|mut conn| async move {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf).await {
+                Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                _ => return,
             }
-        });
+        }
+        let _ = conn.write_all(&[HEAD, EVENT].concat()).await;
+        while matches!(conn.read(&mut buf).await, Ok(n) if n > 0) {}
     });
-    rx.recv().unwrap()
+    format!("http://{addr}")
 }
 
 fn spec(id: u64, url: &str) -> ExchangeSpec {

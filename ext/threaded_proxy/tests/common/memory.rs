@@ -83,3 +83,30 @@ pub fn raise_fd_limit(wanted: u64) {
         limit.rlim_max
     );
 }
+
+/// A test peer (an origin, a backend) on its own runtime and thread, not
+/// counted: listens on 127.0.0.1 port 0 and runs `serve` on every
+/// connection in a task of its own. Its address.
+pub fn peer<F, Fut>(serve: F) -> std::net::SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        do_not_count_this_thread();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            loop {
+                let (conn, _) = listener.accept().await.unwrap();
+                tokio::spawn(serve(conn));
+            }
+        });
+    });
+    rx.recv().unwrap()
+}
