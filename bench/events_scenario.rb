@@ -96,8 +96,7 @@ module Bench
 
     def floor_fanout
       origin = Origin.new(fanout: true).start
-      Loadgen.run("events", url: "#{origin.url}/stream", publish_url: "#{origin.url}/publish", streams: FANOUT,
-                            window: 256, publishes: PUBLISHES, watch_pid: origin.pid, timeout: 900)
+      drive_at(origin.url, streams: FANOUT, publishes: PUBLISHES, watch_pid: origin.pid)
     ensure
       origin&.stop
     end
@@ -166,9 +165,14 @@ module Bench
       raise Error, "#{row} row cannot run: #{response.body.strip}" unless response.code == "200"
     end
 
-    def drive(puma, row, streams:, watch_pid: nil, **options)
-      Loadgen.run("events", url: "#{puma.url}/bench/events/#{row}/stream",
-                            publish_url: "#{puma.url}/bench/events/#{row}/publish",
+    def drive(puma, row, **options)
+      drive_at("#{puma.url}/bench/events/#{row}", **options)
+    end
+
+    # bench-loadgen's SSE clients on BASE/stream, publishing through
+    # BASE/publish.
+    def drive_at(base, streams:, watch_pid: nil, **options)
+      Loadgen.run("events", url: "#{base}/stream", publish_url: "#{base}/publish",
                             streams: streams, window: 256, watch_pid: watch_pid, timeout: 900, **options)
     end
   end

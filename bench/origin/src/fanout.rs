@@ -14,6 +14,9 @@
 //!   ns>` to every stream (as bench/events/publish_endpoint.rb does), then
 //!   answers 200 and closes.
 //! - anything else: an SSE response head, then the connection is held.
+//!
+//! Each publish logs its own send loop's time on stderr (the bench keeps it
+//! in the run's fanout.log): the server's share of the clients' latency.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
